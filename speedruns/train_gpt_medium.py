@@ -1,0 +1,802 @@
+"""GPT-2 Medium speedrun baseline: our own reimplementation of the public modded-nanogpt medium record #8.
+
+One self-contained file that trains on 8xH100 under torchrun and on a laptop CPU with --preset=cpu.
+Nothing runs on import: tools load this file by path to reuse the model and the hyperparameters.
+
+    torchrun --standalone --nproc_per_node=8 speedruns/train_gpt_medium.py
+    python speedruns/train_gpt_medium.py --preset=cpu
+"""
+
+import dataclasses
+import difflib
+import glob
+import hashlib
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Hyperparameters
+
+
+@dataclass
+class Hyperparameters:
+    # data
+    train_files: str = "data/fineweb10B/fineweb_train_*.bin"
+    val_files: str = "data/fineweb10B/fineweb_val_*.bin"
+    val_tokens: int = 10_485_760  # validation tokens, the same at every evaluation
+    train_seq_len: int = 64 * 1024  # tokens in one micro-batch
+    val_seq_len: int = 64 * 1024
+    micro_batches: int = 8  # micro-batches per step, split over the processes (the rest is accumulation)
+    # model
+    vocab_size: int = 50257
+    num_layers: int = 16
+    model_dim: int = 1024
+    num_heads: int = 8
+    mlp_ratio: int = 4
+    attn_block_size: int = 128  # attention masks and windows work in blocks of this many tokens
+    max_window: int = 3456  # long sliding window (tokens) at the end of training
+    # schedule
+    num_iterations: int = 5960
+    cooldown_frac: float = 0.7  # the last 70% of steps decay the learning rates linearly to zero
+    # Muon, for the 2D matrices of the blocks
+    muon_lr: float = 0.025
+    muon_momentum_start: float = 0.85
+    muon_momentum: float = 0.95
+    muon_momentum_warmup_steps: int = 300
+    muon_wd: float = 0.01  # decoupled, times 2 on the MLP matrices
+    # Adam, for the head, the embeddings and the scalars
+    head_lr: float = 1 / 320
+    embed_lr: float = 0.3
+    scalar_lr: float = 0.015
+    adam_beta1: float = 0.8
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-10
+    # run
+    val_loss_every: int = 125  # 0: validate only at the end
+    checkpoint_every: str = ""  # "10:100,100": every 10 steps up to step 100, then every 100; "" = none
+    warmup_steps: int = 10  # compile warm-up steps on CUDA, undone before the timed run
+    seed: int = 0
+    device: str = "auto"  # auto | cuda | cpu
+    compile: bool = True  # torch.compile on CUDA (never on CPU)
+    run_id: str = ""  # default: time stamp + random suffix
+    log_dir: str = "logs"
+    checkpoint_dir: str = "checkpoints"
+    preset: str = "official"
+
+
+PRESETS = {
+    "official": {},
+    # The same 16-block structure, optimizers and schedules, shrunk to train in minutes on 2 CPU cores.
+    "cpu": dict(
+        train_files="data/tiny/tiny_train_*.bin",
+        val_files="data/tiny/tiny_val_*.bin",
+        val_tokens=16 * 128,
+        train_seq_len=128,
+        val_seq_len=128,
+        model_dim=64,
+        num_heads=2,
+        attn_block_size=16,
+        max_window=96,
+        num_iterations=200,
+        muon_momentum_warmup_steps=10,
+        val_loss_every=25,
+        checkpoint_every="100",
+        warmup_steps=0,
+        device="cpu",
+        compile=False,
+    ),
+}
+
+# Structure of record #8 (for 16 blocks).
+NO_ATTENTION_LAYER = 7
+LONG_WINDOW_LAYERS = (0, 4, 11, 15)
+VALUE_EMBED_LAYERS = {0: 0, 1: 1, 2: 2, 13: 0, 14: 1, 15: 2}  # layer -> value embedding table
+SKIPS = {9: 6, 10: 4, 11: 2}  # layer -> earlier layer whose output it adds
+ATTN_SCALE = 0.12
+LOGIT_SOFTCAP = 15.0
+EOT_TOKEN = 50256
+VOCAB_PAD_MULTIPLE = 128
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+MAKE_DATA_HINT = "make data with tools/prepare_tiny_data (CPU preset) or tools/fetch_fineweb (official)"
+
+
+def parse_args(argv):
+    """Build Hyperparameters from `--key=value` arguments; `--preset=NAME` is applied first."""
+    fields = {f.name: f for f in dataclasses.fields(Hyperparameters)}
+    overrides = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"error: bad argument {arg!r}: write every setting as --key=value (see --help)")
+        key, value = arg[2:].split("=", 1)
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean --{near[0]}?)" if near else ""
+            raise SystemExit(f"error: unknown setting --{key}{hint}; the fields of Hyperparameters are the settings")
+        overrides[key] = value
+    preset = overrides.get("preset", "official")
+    if preset not in PRESETS:
+        raise SystemExit(f"error: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], "preset": preset}
+    for key, text in overrides.items():
+        kind = fields[key].type
+        try:
+            if kind is bool:
+                if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError
+                values[key] = text.lower() in ("1", "true", "yes")
+            else:
+                values[key] = kind(text)
+        except ValueError:
+            raise SystemExit(f"error: --{key}={text} is not a valid {kind.__name__}") from None
+    return Hyperparameters(**values)
+
+
+def checkpoint_steps(spec, num_iterations):
+    """Steps to checkpoint for a cadence like "10:100,100" (every 10 up to 100, then every 100)."""
+    steps, start = set(), 0
+    for part in filter(None, spec.replace(" ", "").split(",")):
+        every, _, until = part.partition(":")
+        try:
+            every, until = int(every), int(until) if until else num_iterations
+        except ValueError:
+            raise SystemExit(f"error: bad --checkpoint_every={spec!r}; write e.g. 10:100,100") from None
+        if every <= 0:
+            raise SystemExit(f"error: bad --checkpoint_every={spec!r}: intervals must be positive")
+        steps.update(range(start + every - start % every if start % every else start + every, until + 1, every))
+        start = until
+    return {s for s in steps if 0 < s <= num_iterations}
+
+
+# -----------------------------------------------------------------------------
+# Data: shards of the official FineWeb format
+
+
+def read_shard(path):
+    """A shard: 256 int32 header (magic, version, token count), then uint16 tokens. -> int32 tensor [N]."""
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header.size < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC:
+        raise SystemExit(f"error: {path} is not a token shard (bad magic number); {MAKE_DATA_HINT}")
+    if header[1] != SHARD_VERSION:
+        raise SystemExit(f"error: {path} has shard version {header[1]}, expected {SHARD_VERSION}; {MAKE_DATA_HINT}")
+    num_tokens = int(header[2])
+    expected = 4 * SHARD_HEADER_INTS + 2 * num_tokens
+    if os.path.getsize(path) != expected:
+        raise SystemExit(f"error: {path} holds {os.path.getsize(path)} bytes, its header promises {expected}; "
+                         f"the file is damaged, {MAKE_DATA_HINT}")
+    tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=4 * SHARD_HEADER_INTS)
+    return torch.from_numpy(tokens.astype(np.int32))
+
+
+def find_files(pattern):
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise SystemExit(f"error: no files match {pattern}; {MAKE_DATA_HINT}")
+    return files
+
+
+class TrainLoader:
+    """Each step reads micro_batches contiguous slices of train_seq_len + 1 tokens, cycling over the shards.
+
+    The micro-batches of one step are split over the processes; process `rank` reads the ones numbered
+    rank * accum ... rank * accum + accum - 1, so the global batch does not depend on the world size.
+    """
+
+    def __init__(self, pattern, seq_len, micro_batches, rank, world_size):
+        self.files, self.seq_len, self.micro_batches = find_files(pattern), seq_len, micro_batches
+        self.accum = micro_batches // world_size
+        self.first = rank * self.accum
+        self.reset()
+
+    def reset(self):
+        self.file_index, self.pos = 0, 0
+        self.tokens = read_shard(self.files[0])
+
+    def next_step(self):
+        """-> list of (inputs [T], targets [T]) for this process's micro-batches of the next step."""
+        step_tokens = self.micro_batches * self.seq_len + 1
+        if step_tokens > len(self.tokens):
+            raise SystemExit(f"error: {self.files[self.file_index]} holds {len(self.tokens)} tokens, fewer than "
+                             f"one step needs ({step_tokens}); lower --train_seq_len or --micro_batches")
+        if self.pos + step_tokens > len(self.tokens):
+            self.file_index = (self.file_index + 1) % len(self.files)
+            self.tokens, self.pos = read_shard(self.files[self.file_index]), 0
+        batches = []
+        for j in range(self.first, self.first + self.accum):
+            start = self.pos + j * self.seq_len
+            buf = self.tokens[start : start + self.seq_len + 1].long()
+            batches.append((buf[:-1], buf[1:]))
+        self.pos += self.micro_batches * self.seq_len
+        return batches
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    """Rotary embedding on half of each head's dims: head_dim/4 frequencies plus as many zero frequencies."""
+
+    def __init__(self, head_dim, max_seq_len):
+        super().__init__()
+        quarter = head_dim // 4
+        freqs = (1 / 1024) ** torch.linspace(0, 1, quarter, dtype=torch.float32)
+        freqs = torch.cat([freqs, freqs.new_zeros(quarter)])
+        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
+        self.register_buffer("cos", theta.cos(), persistent=False)
+        self.register_buffer("sin", theta.sin(), persistent=False)
+
+    def forward(self, x):  # [T, H, D] -> [T, H, D]
+        cos, sin = self.cos[: x.size(0), None, :], self.sin[: x.size(0), None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
+
+
+def document_ids(tokens):
+    """[T] -> [T]: index of the document each token belongs to (a new one starts at every EOT token)."""
+    return (tokens == EOT_TOKEN).cumsum(0)
+
+
+def dense_attention_mask(docs, window_blocks, block_size):
+    """The masked attention of the speedrun as a dense [T, T] boolean mask (True = may attend).
+
+    Query q sees key k when k <= q, both lie in the same document, and k's block is one of the
+    window_blocks nearest blocks up to q's own.
+    """
+    pos = torch.arange(docs.numel(), device=docs.device)
+    q, k = pos[:, None], pos[None, :]
+    same_doc = docs[:, None] == docs[None, :]
+    in_window = (q // block_size - k // block_size) < window_blocks
+    return (k <= q) & same_doc & in_window
+
+
+def flex_block_mask(docs, window_blocks, block_size):
+    """The same mask as dense_attention_mask, as a FlexAttention BlockMask (CUDA path)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, k):
+        return (k <= q) & (docs[q] == docs[k]) & ((q // block_size - k // block_size) < window_blocks)
+
+    T = docs.numel()
+    return create_block_mask(mask_mod, None, None, T, T, device=docs.device, BLOCK_SIZE=block_size, _compile=True)
+
+
+def attend(q, k, v, mask):
+    """q, k, v [T, H, D]; mask a dense bool [T, T] (CPU path) or a BlockMask (FlexAttention) -> [T, H, D]."""
+    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, H, T, D]
+    if isinstance(mask, torch.Tensor):
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ATTN_SCALE)
+    else:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        y = flex_attention(q, k, v, block_mask=mask, scale=ATTN_SCALE)
+    return y[0].transpose(0, 1)
+
+
+def uniform_init_(weight, fan_in):
+    bound = math.sqrt(3) * 0.5 / math.sqrt(fan_in)
+    with torch.no_grad():
+        return weight.uniform_(-bound, bound)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, max_seq_len):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        # q, k, v and o merged in one tensor: rows [out, in] of each; o is zero at init.
+        self.qkvo_w = nn.Parameter(torch.empty(4, dim, dim))
+        uniform_init_(self.qkvo_w[:3], dim)
+        with torch.no_grad():
+            self.qkvo_w[3].zero_()
+        self.rotary = Rotary(self.head_dim, max_seq_len)
+
+    def forward(self, x, ve, lambdas, mask):  # x [T, dim]
+        T = x.size(0)
+        qkv = F.linear(x, self.qkvo_w[:3].flatten(0, 1).type_as(x)).view(T, 3 * self.num_heads, self.head_dim)
+        q, k, v = norm(qkv).chunk(3, dim=1)
+        q, k = self.rotary(q), self.rotary(k)
+        v = lambdas[0] * v
+        if ve is not None:
+            v = v + lambdas[1] * ve.view_as(v)
+        y = attend(q, k, v, mask).reshape(T, -1)
+        return F.linear(y, self.qkvo_w[3].type_as(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc_w = nn.Parameter(uniform_init_(torch.empty(hidden, dim), dim))
+        self.proj_w = nn.Parameter(torch.zeros(dim, hidden))
+
+    def forward(self, x):
+        return F.linear(F.relu(F.linear(x, self.fc_w.type_as(x))).square(), self.proj_w.type_as(x))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, hidden, max_seq_len, has_attention):
+        super().__init__()
+        self.attn = Attention(dim, num_heads, max_seq_len) if has_attention else None
+        self.mlp = MLP(dim, hidden)
+
+    def forward(self, x, x0, ve, mix, value_lambdas, mask):
+        x = mix[0] * x + mix[1] * x0
+        if self.attn is not None:
+            x = x + self.attn(x, ve, value_lambdas, mask)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    """The 16-block U-net GPT of record #8. forward(inputs [T], targets [T], window_blocks) -> mean loss."""
+
+    def __init__(self, args):
+        super().__init__()
+        if args.num_layers != 16:
+            raise SystemExit("error: the U-net layout of record #8 needs --num_layers=16; shrink model_dim instead")
+        if args.model_dim % args.num_heads or (args.model_dim // args.num_heads) % 4:
+            raise SystemExit("error: --model_dim must split into --num_heads heads whose size is a multiple of 4")
+        self.args = args
+        dim, L = args.model_dim, args.num_layers
+        max_seq_len = max(args.train_seq_len, args.val_seq_len)
+        padded_vocab = -(-args.vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+        self.embed = nn.Embedding(args.vocab_size, dim)
+        self.value_embeds = nn.ModuleList(nn.Embedding(args.vocab_size, dim) for _ in range(3))
+        self.blocks = nn.ModuleList(
+            Block(dim, args.num_heads, args.mlp_ratio * dim, max_seq_len, i != NO_ATTENTION_LAYER) for i in range(L)
+        )
+        self.lm_head = nn.Linear(dim, padded_vocab, bias=False)
+        nn.init.zeros_(self.lm_head.weight)
+        # All scalars in one fp32 vector: per block x/x0 mixing (a=1, b=0), per block value lambdas
+        # (0.5, 0.5), and one U-net skip weight per block (1.0; only the receiving blocks use theirs).
+        self.scalars = nn.Parameter(torch.cat([
+            torch.tensor([1.0, 0.0]).repeat(L), torch.full((2 * L,), 0.5), torch.ones(L)
+        ]))
+
+    def scalar_views(self):
+        L = self.args.num_layers
+        s = self.scalars
+        return s[: 2 * L].view(L, 2), s[2 * L : 4 * L].view(L, 2), s[4 * L : 5 * L]
+
+    def attention_masks(self, input_seq, window_blocks):
+        """Masks for the long and the short window (the short one is half as many blocks)."""
+        docs = document_ids(input_seq)
+        build = flex_block_mask if input_seq.is_cuda else dense_attention_mask
+        bs = self.args.attn_block_size
+        return {"long": build(docs, max(window_blocks, 1), bs), "short": build(docs, max(window_blocks // 2, 1), bs)}
+
+    def loss(self, input_seq, target_seq, masks):
+        mix, value_lambdas, skip_weights = self.scalar_views()
+        x = x0 = norm(self.embed(input_seq))
+        ves = [ve(input_seq) for ve in self.value_embeds]
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            if i in SKIPS:
+                x = x + skip_weights[i] * outputs[SKIPS[i]]
+            ve = ves[VALUE_EMBED_LAYERS[i]] if i in VALUE_EMBED_LAYERS else None
+            mask = masks["long" if i in LONG_WINDOW_LAYERS else "short"]
+            x = block(x, x0, ve, mix[i], value_lambdas[i], mask)
+            outputs.append(x)
+        logits = F.linear(norm(x).float(), self.lm_head.weight.float())
+        logits = LOGIT_SOFTCAP * logits / torch.sqrt(logits.square() + LOGIT_SOFTCAP**2)
+        return F.cross_entropy(logits, target_seq)
+
+    def forward(self, input_seq, target_seq, window_blocks):
+        return self.loss(input_seq, target_seq, self.attention_masks(input_seq, window_blocks))
+
+
+def window_blocks(step, args):
+    """Long-window size in blocks: the next multiple of the block >= max_window * (4x^3 - 6x^2 + 3x)."""
+    x = step / args.num_iterations
+    tokens = args.max_window * (4 * x**3 - 6 * x**2 + 3 * x)
+    return max(1, math.ceil(round(tokens, 6) / args.attn_block_size))
+
+
+def muon_param_groups(model):
+    """The 2D block matrices, one group per shape; MLP matrices decay twice as fast."""
+    attn = [b.attn.qkvo_w for b in model.blocks if b.attn is not None]
+    return [
+        dict(params=attn, wd_mul=1.0),
+        dict(params=[b.mlp.fc_w for b in model.blocks], wd_mul=2.0),
+        dict(params=[b.mlp.proj_w for b in model.blocks], wd_mul=2.0),
+    ]
+
+
+# -----------------------------------------------------------------------------
+# Muon
+
+# Record #8's Newton-Schulz: five quintic steps, each with its own tuned (a, b, c).
+NS_COEFFICIENTS = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+
+
+def orthogonalize(G):
+    """Approximate msign(G) = U V^T by Newton-Schulz. [..., m, n] -> [..., m, n] (batched over leading dims)."""
+    X = G.bfloat16() if G.is_cuda else G.float()
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for a, b, c in NS_COEFFICIENTS:
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+def fp32_master(p, state):
+    """Full-precision view of a parameter. bf16 weights keep their lost 16 mantissa bits in the state."""
+    if p.dtype != torch.bfloat16:
+        return p.data
+    if "mantissa" not in state:
+        state["mantissa"] = torch.zeros_like(p, dtype=torch.int16)
+    bits = (p.data.view(torch.int16).int() << 16) | (state["mantissa"].int() & 0xFFFF)
+    return bits.view(torch.float32)
+
+
+def store_master(p, state, master):
+    if p.dtype == torch.bfloat16:
+        bits = master.view(torch.int32)
+        p.data.copy_((bits >> 16).short().view(torch.bfloat16))
+        state["mantissa"].copy_((bits & 0xFFFF).short())
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum orthogonalized by Newton-Schulz, for 2D (or stacked 2D) matrices.
+
+    Every group holds matrices of one shape. Process r updates matrices r, r + W, r + 2W, ... of a group
+    (and keeps their momentum), then all processes all-gather the updated weights.
+    """
+
+    def __init__(self, param_groups, lr, momentum, weight_decay, rank=0, world_size=1):
+        self.rank, self.world_size = rank, world_size
+        super().__init__(param_groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, wd_mul=1.0))
+
+    def owner(self, index):
+        return index % self.world_size
+
+    @torch.no_grad()
+    def update(self, p, group):
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+        buf, m = state["momentum_buffer"], group["momentum"]
+        grad = p.grad.float()
+        buf.lerp_(grad, 1 - m)
+        update = orthogonalize(grad.lerp_(buf, m))  # Nesterov: m * buf + (1 - m) * grad
+        scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+        master = fp32_master(p, state)
+        master.mul_(1 - group["lr"] * group["weight_decay"] * group["wd_mul"])
+        master.add_(update.float(), alpha=-group["lr"] * scale)
+        store_master(p, state, master)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            for base in range(0, len(params), self.world_size):
+                mine = base + self.rank
+                if mine < len(params):
+                    self.update(params[mine], group)
+                if self.world_size > 1:
+                    chunk = [params[i] if i < len(params) else torch.empty_like(params[base])
+                             for i in range(base, base + self.world_size)]
+                    src = chunk[self.rank]
+                    dist.all_gather([t.data for t in chunk], src.data.clone())
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def script_source():
+    return Path(__file__).read_text()
+
+
+def variant_name():
+    stem = Path(__file__).stem
+    return stem[len("train_gpt_medium_"):] if stem.startswith("train_gpt_medium_") else "baseline"
+
+
+def gather_muon_state(muon, names, rank, world_size):
+    """Every Muon state (momentum buffers and any other per-matrix state), by parameter name, on rank 0."""
+    local = {}
+    for group in muon.param_groups:
+        for i, p in enumerate(group["params"]):
+            if muon.owner(i) == rank and p in muon.state:
+                local[names[p]] = {k: v.detach().cpu().clone() if torch.is_tensor(v) else v
+                                   for k, v in muon.state[p].items()}
+    if world_size == 1:
+        return local
+    parts = [None] * world_size if rank == 0 else None
+    dist.gather_object(local, parts, dst=0)
+    return {k: v for part in parts for k, v in part.items()} if rank == 0 else None
+
+
+def adam_state(adam, names):
+    return {names[p]: {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in s.items()}
+            for p, s in adam.state.items()}
+
+
+def save_checkpoint(path, model, muon, adam, args, step, val_loss, rank, world_size):
+    names = {p: n for n, p in model.named_parameters()}
+    muon_state = gather_muon_state(muon, names, rank, world_size)
+    if rank != 0:
+        return
+    source = script_source()
+    ckpt = {
+        "format": "gpt-medium-ckpt/1",
+        "step": step,
+        "variant": variant_name(),
+        "script_path": os.path.relpath(os.path.abspath(__file__), Path(__file__).resolve().parent.parent),
+        "source": source,
+        "source_sha256": hashlib.sha256(source.encode()).hexdigest(),
+        "hyperparameters": dataclasses.asdict(args),
+        "world_size": world_size,
+        "val_loss": val_loss,
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "optimizer": {"muon": muon_state, "adam": adam_state(adam, names)},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by save_checkpoint; one-line error for anything else."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read checkpoint {path} ({type(e).__name__}); pass a .pt file "
+                         "written by a speedrun script") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "gpt-medium-ckpt/1":
+        raise SystemExit(f"error: {path} is not a speedrun checkpoint (no format gpt-medium-ckpt/1)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt):
+    """The fp32 CPU model holding a checkpoint's weights."""
+    args = Hyperparameters(**ckpt["hyperparameters"])
+    model = GPT(args)
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def environment_lines(device, world_size, run_id):
+    lines = [f"Running Python {sys.version}", f"Running PyTorch {torch.__version__}"]
+    if device.type == "cuda":
+        try:
+            lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout)
+        except (OSError, subprocess.SubprocessError):
+            lines.append(f"GPU {torch.cuda.get_device_name(device)}")
+    else:
+        lines.append(f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    lines.append(f"variant:{variant_name()} world_size:{world_size} run_id:{run_id}")
+    return lines
+
+
+class Logger:
+    def __init__(self, path, enabled):
+        self.path, self.enabled = path, enabled
+
+    def __call__(self, text, echo=True):
+        if not self.enabled:
+            return
+        if echo:
+            print(text, flush=True)
+        with open(self.path, "a") as f:
+            f.write(text + "\n")
+
+
+def lr_multiplier(step, args):
+    x = step / args.num_iterations
+    return 1.0 if x < 1 - args.cooldown_frac else max(0.0, (1 - x) / args.cooldown_frac)
+
+
+def muon_momentum(step, args):
+    frac = min(step / args.muon_momentum_warmup_steps, 1) if args.muon_momentum_warmup_steps else 1
+    return (1 - frac) * args.muon_momentum_start + frac * args.muon_momentum
+
+
+def setup_distributed(args):
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if args.micro_batches % world_size:
+        raise SystemExit(f"error: {world_size} processes cannot share {args.micro_batches} micro-batches per step; "
+                         f"run 1, 2, 4 or 8 processes (a divisor of --micro_batches)")
+    if world_size > 1:
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return rank, world_size, device
+
+
+def build_optimizers(model, args, rank, world_size):
+    muon = Muon(muon_param_groups(model), args.muon_lr, args.muon_momentum_start, args.muon_wd, rank, world_size)
+    embeddings = [model.embed.weight, *(ve.weight for ve in model.value_embeds)]
+    adam = torch.optim.Adam(
+        [dict(params=[model.lm_head.weight], lr=args.head_lr),
+         dict(params=embeddings, lr=args.embed_lr),
+         dict(params=[model.scalars], lr=args.scalar_lr)],
+        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, weight_decay=0.0,
+    )
+    for opt in (muon, adam):
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return muon, adam
+
+
+def all_reduce_grads(model, world_size):
+    if world_size == 1:
+        return
+    handles = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]
+    for h in handles:
+        h.wait()
+
+
+_VAL_TOKENS = {}
+
+
+@torch.no_grad()
+def evaluate(model_loss, model, args, step, rank, world_size, device):
+    """Mean loss over val_tokens from the start of the validation shards (the same tokens every time)."""
+    if args.val_files not in _VAL_TOKENS:
+        _VAL_TOKENS[args.val_files] = torch.cat([read_shard(f) for f in find_files(args.val_files)])
+    tokens = _VAL_TOKENS[args.val_files]
+    num_seqs = args.val_tokens // args.val_seq_len
+    if num_seqs % world_size or num_seqs * args.val_seq_len + 1 > len(tokens):
+        raise SystemExit(f"error: --val_tokens={args.val_tokens} must be a multiple of val_seq_len x processes "
+                         f"and fit in the {len(tokens)} validation tokens of {args.val_files}")
+    wb = window_blocks(step, args)
+    total = torch.zeros((), device=device)
+    for i in range(rank, num_seqs, world_size):
+        buf = tokens[i * args.val_seq_len : (i + 1) * args.val_seq_len + 1].to(device).long()
+        total += model_loss(buf[:-1], buf[1:], model.attention_masks(buf[:-1], wb)).float()
+    if world_size > 1:
+        dist.all_reduce(total)
+    return (total / num_seqs).item()
+
+
+def train_step(model_loss, model, loader, optimizers, args, step, world_size, device):
+    """One optimizer step on the global batch. -> the mean training loss of this process's micro-batches."""
+    muon, adam = optimizers
+    wb = window_blocks(step, args)
+    step_loss = torch.zeros((), device=device)
+    for inputs, targets in loader.next_step():
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        loss = model_loss(inputs, targets, model.attention_masks(inputs, wb))
+        (loss / args.micro_batches).backward()
+        step_loss += loss.detach()
+    all_reduce_grads(model, world_size)
+    mult = lr_multiplier(step, args)
+    for opt in (muon, adam):
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * mult
+    for group in muon.param_groups:
+        group["momentum"] = muon_momentum(step, args)
+    muon.step()
+    adam.step()
+    model.zero_grad(set_to_none=True)
+    step_loss /= loader.accum
+    if world_size > 1:  # every process must see the same loss to stop together on a NaN
+        dist.all_reduce(step_loss)
+        step_loss /= world_size
+    return step_loss
+
+
+def print_help():
+    print(__doc__.strip() + "\n\nSettings (--key=value; --preset=cpu is applied first, then the others):")
+    for f in dataclasses.fields(Hyperparameters):
+        cpu = PRESETS["cpu"].get(f.name)
+        print(f"  --{f.name}={f.default!r}" + (f"   (cpu preset: {cpu!r})" if cpu is not None else ""))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        return print_help()
+    args = parse_args(argv)
+    rank, world_size, device = setup_distributed(args)
+    torch.manual_seed(args.seed)
+    run_id = args.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    log_path = Path(args.log_dir) / f"{run_id}.txt"
+    if rank == 0:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text(script_source().rstrip("\n") + "\n" + "=" * 100 + "\n")
+    log = Logger(log_path, rank == 0)
+    for line in environment_lines(device, world_size, run_id):
+        log(line, echo=False)
+    log("=" * 100, echo=False)
+    if rank == 0:
+        print(f"logging to {log_path}", flush=True)
+
+    model = GPT(args).to(device)
+    if device.type == "cuda":
+        model.bfloat16()
+        model.lm_head.float()
+        model.scalars.data = model.scalars.data.float()
+    for p in model.parameters():  # every process starts from rank 0's weights
+        if world_size > 1:
+            dist.broadcast(p.data, 0)
+    muon, adam = build_optimizers(model, args, rank, world_size)
+    model_loss = torch.compile(model.loss, dynamic=False) if args.compile and device.type == "cuda" else model.loss
+    loader = TrainLoader(args.train_files, args.train_seq_len, args.micro_batches, rank, world_size)
+    save_at = checkpoint_steps(args.checkpoint_every, args.num_iterations)
+
+    if args.warmup_steps and device.type == "cuda":  # compile the kernels, then undo the warm-up entirely
+        initial = [{k: v.clone() for k, v in model.state_dict().items()},
+                   [dict(o.state_dict()) for o in (muon, adam)]]
+        for step in range(args.warmup_steps):
+            train_step(model_loss, model, loader, (muon, adam), args, step, world_size, device)
+        model.load_state_dict(initial[0])
+        muon.state.clear()
+        adam.load_state_dict(initial[1][1])
+        loader.reset()
+
+    train_time_ms, val_loss = 0.0, None
+    T = args.num_iterations
+    for step in range(T + 1):
+        last = step == T
+        if last or (args.val_loss_every and step % args.val_loss_every == 0):
+            model.eval()
+            val_loss = evaluate(model_loss, model, args, step, rank, world_size, device)
+            model.train()
+            log(f"step:{step}/{T} val_loss:{val_loss:.6f} train_time:{train_time_ms:.0f}ms "
+                f"step_avg:{train_time_ms / max(step, 1):.2f}ms")
+        if step in save_at:
+            path = Path(args.checkpoint_dir) / run_id / f"step_{step:06d}.pt"
+            save_checkpoint(path, model, muon, adam, args, step, val_loss, rank, world_size)
+            log(f"checkpoint:{path}", echo=False)
+        if last:
+            break
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = train_step(model_loss, model, loader, (muon, adam), args, step, world_size, device)
+        if not torch.isfinite(loss).item():
+            raise SystemExit(f"error: training loss became {loss.item()} at step {step + 1}; lower the learning "
+                             "rates or check the data")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time_ms += 1000 * (time.perf_counter() - t0)
+        log(f"step:{step + 1}/{T} train_time:{train_time_ms:.0f}ms step_avg:{train_time_ms / (step + 1):.2f}ms")
+
+    if device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    else:
+        log(f"peak memory rss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
+    if world_size > 1:
+        dist.destroy_process_group()
+    return val_loss
+
+
+if __name__ == "__main__":
+    main()

