@@ -275,7 +275,8 @@ def flex_block_mask(docs, window_blocks, block_size):
         return (k <= q) & (docs[q] == docs[k]) & ((q // block_size - k // block_size) < window_blocks)
 
     T = docs.numel()
-    return create_block_mask(mask_mod, None, None, T, T, device=docs.device, BLOCK_SIZE=block_size, _compile=True)
+    return create_block_mask(mask_mod, None, None, T, T, device=docs.device, BLOCK_SIZE=block_size,
+                             _compile=docs.is_cuda)
 
 
 def attend(q, k, v, mask):
