@@ -90,6 +90,7 @@ PRESETS = {
         val_tokens=32 * 64,
         train_seq_len=64,
         val_seq_len=64,
+        micro_batches=4,
         model_dim=64,
         num_heads=2,
         attn_block_size=8,

@@ -44,7 +44,7 @@ def test_checkpoint_cadence(baseline):
 def test_world_size_that_cannot_keep_the_batch_is_refused(baseline, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(SystemExit, match="cannot share 8 micro-batches"):
-        baseline.setup_distributed(cpu_args(baseline))
+        baseline.setup_distributed(baseline.parse_args([]))
 
 
 # ---------------------------------------------------------------- data
