@@ -1,0 +1,332 @@
+"""Map a tree of matrix properties over every weight, momentum and replica gradient of checkpoints.
+
+Example: python analysis.py checkpoints/RUN/step_*.pt --replicas 8 --out analysis_out
+
+For each checkpoint: every block matrix (attention Q, K, V, O and MLP in, MLP out, keyed by kind and
+layer) gets its properties computed: spectra of the weights, the mean gradient and the momentum,
+gradient noise sigma^2, the echo of each gradient direction from R replica gradients (the reverb
+estimator), its tau^2 fit and kappa, power-law alpha, orthogonalization errors, ... (see --list).
+Results go to OUT/<run_id>/step_NNNNNN.{csv,npz,json} and plots to OUT/<run_id>/plots/.
+Under `torchrun --nproc_per_node=N analysis.py ...` the matrices are split over the processes.
+An interrupted run resumes where it stopped; --render redraws the plots from the saved results.
+"""
+
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+
+from kit.cliutil import make_parser  # noqa: E402
+
+from analysis_lib import checkpoints as ck  # noqa: E402
+from analysis_lib import outputs, plots, tree  # noqa: E402
+
+CPU_REPLICAS = 8  # per process; 8 GPUs give 64
+
+
+class Context:
+    """Where this process runs: rank, world size, device."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if self.world > 1:
+            dist.init_process_group(backend="nccl" if cuda else "gloo")
+
+    def say(self, text, every_rank=False):
+        if self.rank == 0 or every_rank:
+            prefix = f"[rank {self.rank}] " if self.world > 1 else ""
+            print(prefix + text, flush=True)
+
+    def error(self, text):
+        if self.rank == 0:
+            print(f"error: {text}", file=sys.stderr, flush=True)
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self):
+        if self.world > 1:
+            dist.destroy_process_group()
+
+
+def parse_args(argv):
+    parser = make_parser("analysis.py", __doc__)
+    parser.add_argument("checkpoints", nargs="*", help="checkpoint files (step_*.pt)")
+    parser.add_argument("--properties", default="all",
+                        help="comma list of properties (default: all; see --list); dependencies come along")
+    parser.add_argument("--replicas", type=int, default=None,
+                        help=f"replica gradients R (default {CPU_REPLICAS} per GPU process, {CPU_REPLICAS} on CPU)")
+    parser.add_argument("--out", default="analysis_out", help="results folder (default analysis_out)")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens per replica minibatch (default: the run's train_seq_len)")
+    parser.add_argument("--val_files", default=None,
+                        help="held-out token shards for the replicas (default: the run's val_files)")
+    parser.add_argument("--render", action="store_true", help="only redraw the plots from the results in --out")
+    parser.add_argument("--list", action="store_true", help="print every property, its inputs and meaning")
+    parser.add_argument("--verbose", action="store_true", help="print each property as it is computed")
+    parser.add_argument("--skip_plots", action="store_true", help="compute and save results only (plot later "
+                        "with --render)")
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Replica gradients
+
+
+def master_weights(ckpt, ref):
+    """A matrix's weights in fp32; bf16 weights get back the mantissa bits Muon kept in its state."""
+    tensor = ckpt["model"][ref.param]
+    mantissa = ((ckpt.get("optimizer") or {}).get("muon") or {}).get(ref.param, {}).get("mantissa")
+    if tensor.dtype == torch.bfloat16 and isinstance(mantissa, torch.Tensor) and mantissa.shape == tensor.shape:
+        bits = (tensor.view(torch.int16).int() << 16) | (mantissa.int() & 0xFFFF)
+        tensor = bits.view(torch.float32)
+    return ck.take(tensor, ref)
+
+
+def owners_of(refs, world):
+    """Balance matrices over processes by size (largest first onto the least loaded). -> {label: rank}."""
+    load = [0] * world
+    owner = {}
+    for ref in sorted(refs, key=lambda r: (-r.rows * r.cols, r.layer, r.kind)):
+        rank = min(range(world), key=lambda k: (load[k], k))
+        owner[ref.label] = rank
+        load[rank] += ref.rows * ref.cols
+    return owner
+
+
+def replica_gradients(ckpt, refs, owner, replicas, ctx, opts):
+    """R minibatch gradients at the checkpoint's weights, each matrix's stack on its owning process.
+
+    Replica r comes from the r-th disjoint slice of the held-out stream; process k computes replicas
+    k, k + W, ... and every slice is gathered to the matrix's owner (no averaging). -> ({label: [R, m, n]},
+    tokens per replica).
+    """
+    module = ck.load_script(ckpt, REPO_ROOT)
+    args = ck.hyper(ckpt, module)
+    tokens = ck.tokens_per_replica(args, opts.tokens)
+    try:
+        stream = ck.heldout_stream(module, opts.val_files or args.val_files, replicas * (tokens + 1), REPO_ROOT)
+    except SystemExit as exc:  # the script's own shard errors
+        raise ck.CheckpointError(str(exc).removeprefix("error: ")) from None
+    model = module.model_from_checkpoint(ckpt).float()
+    params = dict(model.named_parameters())
+    missing = sorted({r.param for r in refs} - set(params))
+    if missing:
+        raise ck.CheckpointError(f"the model built from the script lacks {missing[0]}; the checkpoint is foreign")
+    with torch.no_grad():
+        for name in {r.param for r in refs}:
+            whole = [r for r in refs if r.param == name]
+            for ref in whole:
+                target = params[name] if ref.index is None else params[name][ref.index]
+                target.copy_(master_weights(ckpt, ref))
+    model = model.to(ctx.device)
+    params = dict(model.named_parameters())
+    wanted = {r.param for r in refs}
+    for name, p in params.items():
+        p.requires_grad_(name in wanted)
+    mine = [r for r in refs if owner[r.label] == ctx.rank]
+    stacks = {r.label: torch.empty(replicas, r.rows, r.cols, device=ctx.device) for r in mine}
+    rounds = math.ceil(replicas / ctx.world)
+    step = int(ckpt["step"])
+    start = time.perf_counter()
+    for t in range(rounds):
+        replica = t * ctx.world + ctx.rank
+        if replica < replicas:
+            inputs, targets = ck.replica_batch(stream, replica, tokens)
+            grads = ck.one_gradient(model, module, args, step, inputs, targets,
+                                    {n: params[n] for n in wanted}, ctx.device)
+        else:
+            grads = {n: torch.zeros(params[n].shape, device=ctx.device) for n in wanted}
+        for ref in refs:
+            piece = ck.take(grads[ref.param], ref).contiguous()
+            if ctx.world == 1:
+                stacks[ref.label][replica] = piece
+                continue
+            is_owner = owner[ref.label] == ctx.rank
+            parts = [torch.empty_like(piece) for _ in range(ctx.world)] if is_owner else None
+            dist.gather(piece, parts, dst=owner[ref.label])
+            if is_owner:
+                for k, part in enumerate(parts):
+                    if t * ctx.world + k < replicas:
+                        stacks[ref.label][t * ctx.world + k] = part
+        del grads
+        done = min((t + 1) * ctx.world, replicas)
+        ctx.say(f"  replica gradients {done}/{replicas} ({time.perf_counter() - start:.1f}s)")
+    del model
+    return stacks, tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# One checkpoint
+
+
+def matrix_done(path, wanted, replicas):
+    record = outputs.load_partial(path) if os.path.exists(path) else None
+    return record is not None and set(wanted) <= set(record["properties"]) and record["replicas"] == replicas
+
+
+def analyse_checkpoint(path, number, total, wanted, replicas, ctx, opts):
+    """Compute, save and assemble one checkpoint's results (skipped when already done). -> its run folder."""
+    ckpt = ck.read_checkpoint(path)
+    refs = ck.matrix_refs(ckpt["model"])
+    if not refs:
+        raise ck.CheckpointError(f"{path}: holds no block matrices (blocks.N.attn.qkvo_w / blocks.N.mlp.*); "
+                                 "is it a checkpoint of this project's GPT?")
+    step = int(ckpt["step"])
+    folder = outputs.run_folder(opts.out, ck.run_id_of(ckpt, path))
+    base = os.path.join(folder, outputs.stem(step))
+    meta = outputs.read_json(base + ".json")
+    head = f"checkpoint {number}/{total} {path} (step {step}, {len(refs)} matrices)"
+    if meta and set(wanted) <= set(meta.get("properties", [])) and meta.get("replicas") == replicas \
+            and os.path.exists(base + ".csv") and os.path.exists(base + ".npz"):
+        ctx.say(f"{head}: already done, skipped")
+        return folder
+    ctx.say(head)
+    partials = [outputs.partial_path(folder, step, i, r.kind, r.layer) for i, r in enumerate(refs)]
+    todo = [i for i, p in enumerate(partials) if not matrix_done(p, wanted, replicas)]
+    ctx.barrier()  # every process has seen the same finished set before anyone writes
+    if len(todo) < len(refs):
+        ctx.say(f"  resuming: {len(refs) - len(todo)} matrices already done")
+    owner = owners_of(refs, ctx.world)
+    order, _ = tree.plan(wanted, tree.ROOTS)
+    stacks, tokens, grad_seconds = {}, None, 0.0
+    if todo and "replicas" in tree.roots_needed(order):
+        start = time.perf_counter()
+        stacks, tokens = replica_gradients(ckpt, [refs[i] for i in todo], owner, replicas, ctx, opts)
+        grad_seconds = time.perf_counter() - start
+    mine = [i for i in todo if owner[refs[i].label] == ctx.rank]
+    for count, i in enumerate(mine, 1):
+        ref = refs[i]
+        name = f"{ref.param}" + ("" if ref.index is None else f"[{ref.index}]")
+        where = f"  matrix {count}/{len(mine)} {ref.kind} layer {ref.layer} ({ref.rows}x{ref.cols})"
+        on_node = (lambda prop, where=where: ctx.say(f"{where}: {prop}", True)) if opts.verbose else None
+        start = time.perf_counter()
+        roots = {"weight": master_weights(ckpt, ref).to(ctx.device),
+                 "momentum": _on(ck.momentum_of(ckpt, ref), ctx.device),
+                 "replicas": (lambda label=ref.label: stacks.pop(label)) if ref.label in stacks else None}
+        try:
+            results, seconds = tree.run(wanted, roots, on_node)
+        except (RuntimeError, ValueError) as exc:  # e.g. an SVD of non-finite values
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ck.CheckpointError(f"{path}: {ref.kind} layer {ref.layer}: {first}; are its weights or "
+                                     "gradients finite?") from None
+        del roots
+        scalars = {k: tree.to_float(v) for k, v in results.items() if tree.BY_NAME[k].kind == "scalar"}
+        arrays = {k: v for k, v in results.items() if tree.BY_NAME[k].kind == "array"}
+        record = {"param": name, "kind": ref.kind, "layer": ref.layer, "rows": ref.rows, "cols": ref.cols,
+                  "scalars": scalars, "arrays": arrays, "seconds": seconds, "properties": list(wanted),
+                  "replicas": replicas, "tokens": tokens, "grad_seconds": grad_seconds}
+        outputs.save_partial(partials[i], record)
+        slowest = max(seconds.items(), key=lambda kv: kv[1], default=("-", 0.0))
+        ctx.say(f"{where}: {len(results)} properties in {time.perf_counter() - start:.2f}s "
+                f"(slowest {slowest[0]} {slowest[1]:.2f}s)", every_rank=True)
+    ctx.barrier()
+    if ctx.rank == 0:
+        assemble(ckpt, path, refs, partials, wanted, replicas, base)
+        shutil.rmtree(os.path.join(folder, outputs.stem(step) + ".partial"), ignore_errors=True)
+    ctx.barrier()
+    return folder
+
+
+def _on(tensor, device):
+    return None if tensor is None else tensor.to(device)
+
+
+def assemble(ckpt, path, refs, partials, wanted, replicas, base):
+    """Join the per-matrix records into the checkpoint's csv, npz and json (all atomic)."""
+    scalar_names = [n for n in wanted if tree.BY_NAME[n].kind == "scalar"]
+    rows, arrays, node_seconds = [], {}, {}
+    grad_seconds, tokens = 0.0, None
+    for ref, part in zip(refs, partials, strict=True):
+        record = outputs.load_partial(part)
+        if record is None:
+            raise ck.CheckpointError(f"{path}: the result of {ref.label} went missing; run the command again")
+        rows.append({"step": int(ckpt["step"]), "param": record["param"], "kind": ref.kind, "layer": ref.layer,
+                     "rows": ref.rows, "cols": ref.cols, **record["scalars"]})
+        for name, value in record["arrays"].items():
+            if name in wanted:
+                arrays[outputs.array_key(ref.kind, ref.layer, name)] = value
+        for node, sec in record["seconds"].items():
+            node_seconds[node] = node_seconds.get(node, 0.0) + sec
+        grad_seconds = max(grad_seconds, record.get("grad_seconds") or 0.0)
+        tokens = tokens or record.get("tokens")
+    outputs.write_csv(base + ".csv", rows, scalar_names)
+    outputs.write_npz(base + ".npz", arrays)
+    outputs.write_json(base + ".json", {
+        "checkpoint": os.path.abspath(path), "step": int(ckpt["step"]), "variant": ckpt.get("variant"),
+        "run_id": (ckpt.get("hyperparameters") or {}).get("run_id"), "val_loss": ckpt.get("val_loss"),
+        "source_sha256": ckpt.get("source_sha256"), "replicas": replicas, "tokens_per_replica": tokens,
+        "properties": list(wanted), "matrices": len(refs), "node_seconds": node_seconds,
+        "gradient_seconds": grad_seconds,
+    })
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def render(out, only=None, say=print):
+    """Redraw the plots of every run folder under `out` (or only those named). -> number of runs drawn."""
+    if not os.path.isdir(out):
+        return 0
+    folders = sorted(only) if only else sorted(os.path.join(out, d) for d in os.listdir(out))
+    drawn = 0
+    for folder in folders:
+        if outputs.finished_steps(folder):
+            say(f"plots for {folder}")
+            plots.render_run(folder, progress=say)
+            drawn += 1
+    return drawn
+
+
+def main(argv=None):
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    if opts.list:
+        print(tree.describe())
+        return 0
+    if opts.render:
+        if not render(opts.out):
+            raise SystemExit(f"error: no finished results under {opts.out}; run `python analysis.py CHECKPOINTS "
+                             f"--out {opts.out}` first")
+        return 0
+    if not opts.checkpoints:
+        raise SystemExit("error: no checkpoints given; example: python analysis.py checkpoints/RUN/step_*.pt")
+    wanted = tree.resolve_request(opts.properties)
+    ctx = Context()
+    replicas = opts.replicas or CPU_REPLICAS * (ctx.world if ctx.device.type == "cuda" else 1)
+    if replicas < 2:
+        raise SystemExit("error: --replicas must be at least 2 (the echo compares replicas with each other)")
+    if ctx.device.type == "cpu" and ctx.world > 1:  # processes share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world))
+    failures, folders = 0, set()
+    total = len(opts.checkpoints)
+    for number, path in enumerate(opts.checkpoints, 1):
+        try:
+            folders.add(analyse_checkpoint(path, number, total, wanted, replicas, ctx, opts))
+        except ck.CheckpointError as exc:
+            failures += 1
+            ctx.error(str(exc))
+    if ctx.rank == 0 and folders and not opts.skip_plots:
+        render(opts.out, only=folders, say=ctx.say)
+    ctx.close()
+    if failures:
+        raise SystemExit(f"error: {failures} of {total} checkpoints could not be analysed (see the lines above)")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Library behind analysis.py: spectral math, the property tree, checkpoint IO, outputs, plots."""

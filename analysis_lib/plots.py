@@ -1,0 +1,248 @@
+"""Plots of analysis results, drawn from the saved files alone (so --render needs no checkpoint).
+
+Every figure is a 2x3 grid, one panel per matrix kind, one line per block depth coloured by depth
+(colorbar), shared axes. Scalars: one figure per property with the training step on x. Arrays: one
+figure per checkpoint and an animated GIF across checkpoints, in OUT/<run>/plots/.
+"""
+
+import io
+import math
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import numpy as np  # noqa: E402
+from matplotlib import cm, colors, ticker  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from analysis_lib import outputs, tree  # noqa: E402
+
+KINDS = [("q", "Attention Q"), ("k", "Attention K"), ("v", "Attention V"), ("o", "Attention O"),
+         ("mlp_in", "MLP in"), ("mlp_out", "MLP out")]
+DPI = 90
+FIGSIZE = (13, 7.5)
+
+
+def _median_abs(a):
+    return np.median(np.abs(a), axis=0)
+
+
+# Array plots: property -> (x source, y source, x label, y label, title). A source is an array name,
+# "index" (1-based direction index), or (name, reducer) applied to an [R, k] array.
+ARRAY_PLOTS = {
+    "echo": ("sv_median", "echo", "median replica singular value s", "echo zeta",
+             "Which directions of a minibatch gradient can be trusted: echo vs s (dashed: 1/(1+tau^2/s^2))"),
+    "sv_w": ("index", "sv_w", "direction index", "singular value", "Singular values of the weights"),
+    "sv_g": ("index", "sv_g", "direction index", "singular value", "Singular values of the mean gradient"),
+    "sv_m": ("index", "sv_m", "direction index", "singular value", "Singular values of the momentum"),
+    "replica_cos_u": ("index", ("replica_cos_u", _median_abs), "direction index",
+                      "median |cos| over replicas", "How far replica left singular vectors stray from the mean's"),
+    "replica_cos_v": ("index", ("replica_cos_v", _median_abs), "direction index",
+                      "median |cos| over replicas", "How far replica right singular vectors stray from the mean's"),
+}
+
+
+def _save(fig, path):
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    outputs.atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def _grid(title, max_layer):
+    """A 2x3 figure with shared axes and a depth colorbar. -> (figure, axes [6], layer -> RGBA)."""
+    fig = Figure(figsize=FIGSIZE)  # no pyplot: nothing to close, no figure manager
+    axes = fig.subplots(2, 3, sharex=True, sharey=True)
+    # A fixed layout: matplotlib's constrained layout costs seconds per figure.
+    fig.subplots_adjust(left=0.08, right=0.9, bottom=0.08, top=0.9, wspace=0.08, hspace=0.14)
+    fig.suptitle(title)
+    norm = colors.Normalize(vmin=0, vmax=max(max_layer, 1))
+    cmap = matplotlib.colormaps["viridis"]
+    bar = fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), cax=fig.add_axes([0.92, 0.12, 0.015, 0.74]))
+    bar.set_label("block depth")
+    return fig, axes.ravel(), lambda layer: cmap(norm(layer))
+
+
+def _finish_axes(axes, x_label, y_label, xlog=False, ylog=False, xlim=None, ylim=None):
+    """Scales, limits, labels; major ticks only (minor ticks on six log axes cost most of the drawing),
+    fixed label positions (and titles set with y=1) skip matplotlib's text-extent search."""
+    if xlog:
+        axes[0].set_xscale("log")
+        axes[0].xaxis.set_major_formatter(ticker.LogFormatter())  # plain text: mathtext labels parse slowly
+    if ylog:
+        axes[0].set_yscale("log")
+        axes[0].yaxis.set_major_formatter(ticker.LogFormatter())
+    for ax in axes:
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_label_coords(0.5, -0.1)
+        ax.yaxis.set_label_coords(-0.2, 0.5)
+        ax.autoscale_view()
+    if xlim:
+        axes[0].set_xlim(*xlim)
+    if ylim:
+        axes[0].set_ylim(*ylim)
+    for ax in axes[3:]:
+        ax.set_xlabel(x_label)
+    for ax in axes[::3]:
+        ax.set_ylabel(y_label)
+
+
+def _clean(x, y, xlog, ylog):
+    """Drop points a panel cannot draw (nan, inf, nonpositive on a log axis). -> [p, 2]."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y) & ((x > 0) | (not xlog)) & ((y > 0) | (not ylog))
+    return np.column_stack([x[keep], y[keep]])
+
+
+def _add_lines(ax, curves, colours, style="-", width=1.2, alpha=1.0):
+    """Many polylines as one artist (one LineCollection: far cheaper to draw than a Line2D each)."""
+    if curves:
+        ax.add_collection(LineCollection(curves, colors=colours, linestyles=style, linewidths=width, alpha=alpha))
+
+
+def _spans_decades(values):
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    return v.size > 0 and (v > 0).all() and v.max() / v.min() > 30
+
+
+def _limits(values, log):
+    v = np.asarray([x for x in values if np.isfinite(x) and (x > 0 or not log)], dtype=float)
+    if v.size == 0:
+        return None
+    lo, hi = v.min(), v.max()
+    if log:
+        return lo / 1.3, hi * 1.3
+    pad = 0.05 * (hi - lo) if hi > lo else max(abs(hi) * 0.05, 1e-12)
+    return lo - pad, hi + pad
+
+
+def scalar_figure(prop, results, path):
+    """results: [(step, rows)] ascending. One line per (kind, layer) over steps."""
+    max_layer = max((r["layer"] for _, rows in results for r in rows), default=1)
+    node = tree.BY_NAME.get(prop)
+    fig, axes, color = _grid(f"{prop} over training" + (f": {node.doc}" if node else ""), max_layer)
+    log = _spans_decades([r.get(prop, math.nan) for _, rows in results for r in rows])
+    for ax, (kind, label) in zip(axes, KINDS, strict=True):
+        series = {}
+        for step, rows in results:
+            for r in rows:
+                if r["kind"] == kind:
+                    series.setdefault(r["layer"], []).append((step, r.get(prop, math.nan)))
+        layers = sorted(series)
+        curves = [_clean(*zip(*series[layer], strict=True), False, log) for layer in layers]
+        _add_lines(ax, curves, [color(layer) for layer in layers])
+        if len(results) < 12:  # few checkpoints: mark each one
+            points = np.concatenate(curves) if curves else np.empty((0, 2))
+            ax.scatter(points[:, 0], points[:, 1], s=9,
+                       c=[color(layer) for layer, c in zip(layers, curves, strict=True) for _ in c] or None)
+        ax.set_title(label if series else f"{label} (none)", y=1.0)
+    _finish_axes(axes, "training step", prop, ylog=log)
+    _save(fig, path)
+
+
+def _series(arrays, kind, layer, source, n):
+    if source == "index":
+        return np.arange(1, n + 1, dtype=float)
+    if isinstance(source, tuple):
+        name, reduce = source
+        data = arrays.get(outputs.array_key(kind, layer, name))
+        return None if data is None else reduce(data)
+    data = arrays.get(outputs.array_key(kind, layer, source))
+    return None if data is None else np.asarray(data, dtype=float)
+
+
+def _array_lines(prop, arrays, rows):
+    """-> {kind: [(layer, x, y, tau2 or None)]} for one checkpoint."""
+    xs, ys = ARRAY_PLOTS[prop][:2]
+    lines = {}
+    for r in rows:
+        y_src = ys[0] if isinstance(ys, tuple) else ys
+        if outputs.array_key(r["kind"], r["layer"], y_src) not in arrays:
+            continue
+        y = _series(arrays, r["kind"], r["layer"], ys, 0)
+        x = _series(arrays, r["kind"], r["layer"], xs, len(y))
+        if x is None or y is None:
+            continue
+        tau2 = r.get("tau2", math.nan) if prop == "echo" else None
+        lines.setdefault(r["kind"], []).append((r["layer"], x, y, tau2))
+    return lines
+
+
+def array_figure(prop, step, lines, max_layer, limits, path):
+    x_label, y_label, title = ARRAY_PLOTS[prop][2:]
+    fig, axes, color = _grid(f"{title} - step {step}", max_layer)
+    (xlim, xlog), (ylim, ylog) = limits
+    for ax, (kind, label) in zip(axes, KINDS, strict=True):
+        entries = sorted(lines.get(kind, []), key=lambda e: e[0])
+        curves = [_clean(x, y, xlog, ylog) for _, x, y, _ in entries]
+        tints = [color(layer) for layer, *_ in entries]
+        if entries and entries[0][3] is None:
+            _add_lines(ax, curves, tints, width=1.0, alpha=0.85)
+        elif entries:  # the echo: one point per direction, and the fitted law dashed
+            points = np.concatenate(curves)
+            ax.scatter(points[:, 0], points[:, 1], s=4, alpha=0.7, linewidths=0,
+                       c=[tint for tint, c in zip(tints, curves, strict=True) for _ in c] or None)
+            laws, law_tints = [], []
+            for (_, x, _, tau2), tint in zip(entries, tints, strict=True):
+                if np.isfinite(tau2) and tau2 > 0:
+                    grid = np.sort(x[np.isfinite(x) & (x > 0)])
+                    laws.append(_clean(grid, grid**2 / (grid**2 + tau2), xlog, ylog))
+                    law_tints.append(tint)
+            _add_lines(ax, laws, law_tints, style="--", width=0.9)
+        ax.set_title(label if entries else f"{label} (none)", y=1.0)
+    _finish_axes(axes, x_label, y_label, xlog, ylog, xlim, ylim)
+    _save(fig, path)
+
+
+def _gif(frames, path):
+    images = [Image.open(p).convert("RGB") for p in frames]
+    if not images:
+        return
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=800, loop=0)
+    outputs.atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def render_run(folder, progress=print):
+    """Redraw every plot of one run folder from its csv/npz files. -> list of files written."""
+    steps = outputs.finished_steps(folder)
+    if not steps:
+        return []
+    plot_dir = os.path.join(folder, "plots")
+    written = []
+    results, array_sets = [], []
+    for step in steps:
+        names, rows = outputs.read_csv(os.path.join(folder, outputs.stem(step) + ".csv"))
+        results.append((step, rows))
+        array_sets.append(outputs.read_npz(os.path.join(folder, outputs.stem(step) + ".npz")))
+    scalar_names = sorted({n for _, rows in results for r in rows for n in r if n not in outputs.ID_COLUMNS})
+    max_layer = max((r["layer"] for _, rows in results for r in rows), default=1)
+    for prop in scalar_names:
+        path = os.path.join(plot_dir, f"{prop}_vs_step.png")
+        scalar_figure(prop, results, path)
+        written.append(path)
+    present = {key.rsplit("/", 1)[1] for arrays in array_sets for key in arrays}
+    for prop in ARRAY_PLOTS:
+        y_src = ARRAY_PLOTS[prop][1]
+        if (y_src[0] if isinstance(y_src, tuple) else y_src) not in present:
+            continue
+        per_step = [_array_lines(prop, arrays, rows) for (_, rows), arrays in zip(results, array_sets, strict=True)]
+        xs = [v for lines in per_step for es in lines.values() for e in es for v in e[1]]
+        ys = [v for lines in per_step for es in lines.values() for e in es for v in e[2]]
+        by_index = ARRAY_PLOTS[prop][0] == "index"
+        xlog = max(xs, default=0) > 30 if by_index else _spans_decades([v for v in xs if v > 0])
+        ylog = prop.startswith("sv_") and _spans_decades([v for v in ys if v > 0])
+        limits = ((_limits(xs, xlog), xlog), (_limits(ys, ylog), ylog))
+        frames = []
+        for step, lines in zip(steps, per_step, strict=True):
+            path = os.path.join(plot_dir, prop, outputs.stem(step) + ".png")
+            array_figure(prop, step, lines, max_layer, limits, path)
+            frames.append(path)
+        gif_path = os.path.join(plot_dir, f"{prop}.gif")
+        _gif(frames, gif_path)
+        written += frames + [gif_path]
+        progress(f"  plots: {prop} ({len(frames)} checkpoints)")
+    return written

@@ -1,0 +1,425 @@
+"""Pure math on matrices, singular values and replica gradients.
+
+Shapes: a matrix is [m, n], k = min(m, n); a stack of R replicas is [R, m, n]. Singular vectors are
+stored as columns: U [m, k], V [n, k] (so a matrix is U diag(S) V^T). Every function works in the
+dtype it is given (fp32 on CPU) and returns tensors, or Python floats for scalars.
+"""
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment, minimize_scalar
+
+# Tuned NS5 of the GPT-2 Medium record: one (a, b, c) per iteration.
+NS5_TUNED = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+# Polar Express (Amsel et al. 2025): one (a, b, c) per iteration, with its safety factor.
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+POLAR_EXPRESS_SAFETY = 1.02
+
+
+# ----------------------------------------------------------------------------------------------
+# Singular values and the scalar properties of a spectrum
+
+
+def svd(x):
+    """Thin SVD. [..., m, n] -> (U [..., m, k], S [..., k] descending, V [..., n, k]).
+
+    A wide input is decomposed as its (contiguous) transpose: LAPACK's SVD is about 3x faster on a
+    tall 4096x1024 matrix than on the same matrix wide.
+    """
+    if x.shape[-2] < x.shape[-1]:
+        v, s, uh = torch.linalg.svd(x.mT.contiguous(), full_matrices=False)
+        return uh.mT, s, v
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    return u, s, vh.mT
+
+
+def spectral_norm(s):
+    """Largest singular value. [k] -> float."""
+    return float(s.max()) if s.numel() else math.nan
+
+
+def frobenius_norm(s):
+    """sqrt(sum s^2). [k] -> float."""
+    return float(torch.sqrt((s.double() ** 2).sum()))
+
+
+def stable_rank(s):
+    """||A||_F^2 / ||A||_2^2, in [1, k]; nan for the zero matrix. [k] -> float."""
+    s = s.double()
+    top = s.max() ** 2
+    return float((s**2).sum() / top) if top > 0 else math.nan
+
+
+def _entropy(p):
+    """Shannon entropy (nats) of a probability vector, with 0 log 0 = 0. [k] -> float."""
+    p = p[p > 0]
+    return float(-(p * torch.log(p)).sum())
+
+
+def effective_rank(s):
+    """exp of the entropy of s / sum s (Roy and Vetterli), in [1, k]; nan for zero. [k] -> float."""
+    s = s.double()
+    total = s.sum()
+    return math.exp(_entropy(s / total)) if total > 0 else math.nan
+
+
+def spectral_entropy(s):
+    """Entropy of s^2 / sum s^2 divided by log k, in [0, 1]; nan for zero or k = 1. [k] -> float."""
+    e = s.double() ** 2
+    total = e.sum()
+    if total <= 0 or s.numel() < 2:
+        return math.nan
+    return _entropy(e / total) / math.log(s.numel())
+
+
+def condition_number(s):
+    """s_max / s_min; inf when s_min is 0 (rank deficient), nan for the zero matrix. [k] -> float."""
+    top, low = float(s.max()), float(s.min())
+    if top <= 0:
+        return math.nan
+    return top / low if low > 0 else math.inf
+
+
+def top_k_energy(s, k):
+    """Fraction of sum s^2 held by the k largest singular values, in [0, 1]. [k'] -> float."""
+    e = torch.sort(s.double() ** 2, descending=True).values
+    total = e.sum()
+    return float(e[:k].sum() / total) if total > 0 else math.nan
+
+
+def powerlaw_alpha(s, min_tail=10):
+    """Power-law exponent of the eigenvalues lambda = s^2, WeightWatcher style.
+
+    For each candidate xmin (every eigenvalue leaving at least `min_tail` in the tail) the maximum
+    likelihood exponent is alpha = 1 + n / sum log(lambda / xmin) over the tail; the xmin kept is the
+    one whose fitted Pareto CDF 1 - (x / xmin)^(1 - alpha) is closest to the empirical tail CDF in
+    Kolmogorov-Smirnov distance. [k] -> (alpha, xmin, ks_distance), nan when too few nonzero values.
+    """
+    lam = torch.sort(s.double() ** 2).values
+    lam = lam[lam > lam.max() * 1e-12] if lam.numel() else lam
+    n = lam.numel()
+    if n < max(min_tail, 2):
+        return math.nan, math.nan, math.nan
+    log_lam = torch.log(lam)
+    starts = torch.arange(n - min_tail + 1)
+    tail_n = (n - starts).double()
+    tail_log_sum = torch.flip(torch.cumsum(torch.flip(log_lam, [0]), 0), [0])[starts]
+    denom = tail_log_sum - tail_n * log_lam[starts]
+    alpha = torch.where(denom > 0, 1 + tail_n / denom.clamp_min(1e-300), torch.full_like(denom, math.nan))
+    # KS distance of every candidate: rows = candidates (in blocks, to bound memory), columns = eigenvalues.
+    idx = torch.arange(n)
+    ks = torch.empty(starts.numel(), dtype=torch.float64)
+    for lo in range(0, starts.numel(), 128):
+        st, al, tn = starts[lo:lo + 128], alpha[lo:lo + 128], tail_n[lo:lo + 128]
+        rank_in_tail = (idx[None, :] - st[:, None]).double()
+        ratio = (log_lam[None, :] - log_lam[st][:, None]).clamp_min(0)
+        fit_cdf = 1 - torch.exp((1 - al[:, None]) * ratio)
+        gap = torch.maximum((fit_cdf - rank_in_tail / tn[:, None]).abs(),
+                            (fit_cdf - (rank_in_tail + 1) / tn[:, None]).abs())
+        ks[lo:lo + 128] = torch.where(rank_in_tail >= 0, gap, 0.0).amax(1)
+    ks = torch.where(torch.isfinite(alpha), ks, torch.full_like(ks, math.inf))
+    best = int(torch.argmin(ks))
+    if not math.isfinite(float(ks[best])):
+        return math.nan, math.nan, math.nan
+    return float(alpha[best]), float(lam[starts[best]]), float(ks[best])
+
+
+# ----------------------------------------------------------------------------------------------
+# Replica statistics
+
+
+def replica_energies(replicas, mean):
+    """Squared norms of every replica and of its deviation from the mean, in one pass.
+
+    replicas [R, m, n], mean [m, n] -> (||G_r||_F^2 [R], ||G_r - G_mean||_F^2 [R], ||G_mean||_F^2), fp64.
+    """
+    sq = torch.stack([torch.linalg.vector_norm(g).double() ** 2 for g in replicas]).cpu()
+    dev = torch.stack([torch.linalg.vector_norm(g - mean).double() ** 2 for g in replicas]).cpu()
+    return sq, dev, float(torch.linalg.vector_norm(mean).double() ** 2)
+
+
+def noise_variance(energies, shape):
+    """Per-entry noise variance sigma^2 = sum_r ||G_r - G_mean||_F^2 / ((R - 1) m n).
+
+    energies from replica_energies, shape (R, m, n) -> float (nan for R < 2).
+    """
+    r, m, n = shape
+    return float(energies[1].sum()) / ((r - 1) * m * n) if r >= 2 else math.nan
+
+
+def plateau_rho(energies):
+    """Signal fraction rho = clip((R ||G_mean||^2 - mean ||G_r||^2) / ((R - 1) mean ||G_r||^2), 0, 1).
+
+    energies from replica_energies -> float (nan for R < 2 or all-zero replicas).
+    """
+    sq, _, mean_sq = energies
+    r, mean_r = sq.numel(), float(sq.mean())
+    if r < 2 or mean_r <= 0:
+        return math.nan
+    return min(max((r * mean_sq - mean_r) / ((r - 1) * mean_r), 0.0), 1.0)
+
+
+SURE_MATCH = 2 / 3  # an overlap above this is in some optimal assignment (see assign_directions)
+
+
+def assign_directions(cost):
+    """Maximum-weight assignment of rows (reference directions) to columns (replica directions).
+
+    cost [k, k] numpy, cost[i, j] = |<u_i, u'_j>| |<v_i, v'_j>|. Every row and column of such a matrix
+    sums to at most 1 (Cauchy-Schwarz on unit vectors), so an entry c > 2/3 belongs to an optimal
+    assignment: trading it away gains at most 2 (1 - c) < c. Those pairs are fixed first and scipy's
+    exact solver runs on the rest. -> perm [k] int64, row i assigned column perm[i].
+    """
+    k = cost.shape[0]
+    best = cost.argmax(1)
+    sure = cost[np.arange(k), best] > SURE_MATCH
+    perm = np.empty(k, dtype=np.int64)
+    perm[sure] = best[sure]
+    rows = np.flatnonzero(~sure)
+    if rows.size:
+        cols = np.setdiff1d(np.arange(k), best[sure], assume_unique=True)
+        sub_rows, sub_cols = linear_sum_assignment(cost[np.ix_(rows, cols)], maximize=True)
+        perm[rows[sub_rows]] = cols[sub_cols]
+    return perm
+
+
+def align_replicas(u_ref, v_ref, replicas, workers=1):
+    """SVD each replica and align its directions to the reference (mean-gradient) directions.
+
+    u_ref [m, k], v_ref [n, k], replicas [R, m, n] -> dict of u [R, m, k], s [R, k], v [R, n, k]
+    (replica directions reordered by assign_directions on |U_ref^T U_r| * |V_ref^T V_r|), perm [R, k]
+    (replica r's original direction matched to reference i), cos_u, cos_v [R, k] (<u_ref_i, u_r_i>,
+    <v_ref_i, v_r_i> after alignment). A pair (u_i, v_i) flips sign as a whole, so each replica keeps
+    its matrix; the sign makes <u_ref,u> + <v_ref,v> nonnegative. `workers` replicas at a time (one
+    batched SVD; memory: the outputs plus two groups' SVDs), the assignments of one group running in
+    threads during the SVD of the next.
+    """
+    r_count, m, n = replicas.shape
+    k = min(m, n)
+    dev, dt = replicas.device, replicas.dtype
+    new = lambda *shape: torch.empty(*shape, dtype=dt, device=dev)
+    out = {"u": new(r_count, m, k), "s": new(r_count, k), "v": new(r_count, n, k),
+           "perm": torch.empty(r_count, k, dtype=torch.long), "cos_u": new(r_count, k), "cos_v": new(r_count, k)}
+
+    def finish(r, u, s, v, a, b, future):
+        perm = torch.from_numpy(future.result())
+        idx = perm.to(dev)
+        rows = torch.arange(k, device=dev)
+        cu, cv = a[rows, idx], b[rows, idx]
+        sign = torch.where(cu + cv < 0, -1.0, 1.0).to(dt)
+        torch.index_select(u, 1, idx, out=out["u"][r]).mul_(sign)
+        torch.index_select(v, 1, idx, out=out["v"][r]).mul_(sign)
+        out["s"][r] = s[idx]
+        out["perm"][r] = perm
+        out["cos_u"][r], out["cos_v"][r] = cu * sign, cv * sign
+
+    group = max(1, workers) if dev.type == "cpu" else 8  # a batched SVD spreads its matrices over the threads
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        pending = []
+        for lo in range(0, r_count, group):
+            us, ss, vs = svd(replicas[lo:lo + group])
+            started = []
+            for j in range(us.shape[0]):
+                a, b = u_ref.mT @ us[j], v_ref.mT @ vs[j]
+                cost = (a.abs() * b.abs()).double().cpu().numpy()
+                started.append((lo + j, us[j], ss[j], vs[j], a, b, pool.submit(assign_directions, cost)))
+            for job in pending:
+                finish(*job)
+            pending = started
+        for job in pending:
+            finish(*job)
+    return out
+
+
+def angle_degrees(cos):
+    """Angle between lines (sign ignored), degrees. [...] -> [...]."""
+    return torch.rad2deg(torch.arccos(cos.abs().clamp(max=1.0)))
+
+
+def reverb_matrix(u, v, chunk=128):
+    """Z_i[a, b] = <u_i^a, u_i^b> <v_i^a, v_i^b> with a zero diagonal, for aligned replicas.
+
+    u [R, m, k], v [R, n, k] -> Z [k, R, R]. Few replicas: one pass over each pair (a, b), reading
+    the stacks in memory order. Many: `chunk` directions at a time as a contiguous [chunk, R, m] copy,
+    so the batched products run at matmul speed.
+    """
+    r, _, k = u.shape
+    out = torch.zeros(k, r, r, dtype=u.dtype, device=u.device)
+    if r <= 16:
+        for a in range(r):
+            for b in range(a + 1, r):
+                z = (u[a] * u[b]).sum(0) * (v[a] * v[b]).sum(0)
+                out[:, a, b] = z
+                out[:, b, a] = z
+        return out
+    for lo in range(0, k, chunk):
+        uc = u[:, :, lo:lo + chunk].permute(2, 0, 1).contiguous()
+        vc = v[:, :, lo:lo + chunk].permute(2, 0, 1).contiguous()
+        out[lo:lo + chunk] = torch.bmm(uc, uc.mT) * torch.bmm(vc, vc.mT)
+    out.diagonal(dim1=1, dim2=2).zero_()
+    return out
+
+
+def echo_per_pivot(z):
+    """Echo estimate of each direction seen from each pivot replica a.
+
+    s_i = ((Z_i Z_i) * Z_i^T) 1 / ||Z_i||_F^2 (elementwise product, row sums), zeta = sqrt(max(s, 0)).
+    z [k, R, R] -> [k, R]; a direction with Z_i = 0 gets 0.
+    """
+    num = ((z @ z) * z.mT).sum(-1)
+    den = (z**2).sum((-1, -2))
+    ratio = torch.where(den[:, None] > 0, num / den.clamp_min(torch.finfo(z.dtype).tiny)[:, None], 0.0)
+    return torch.sqrt(ratio.clamp_min(0.0))
+
+
+def median_over(x, dim):
+    """Median along dim, the mean of the two middle values for an even count. [...] -> [...]."""
+    return torch.quantile(x, 0.5, dim=dim)
+
+
+def echo_law(s, tau2):
+    """Echo predicted under isotropic noise: 1 / (1 + tau^2 / s^2). [k] -> [k]."""
+    s2 = np.asarray(s, dtype=np.float64) ** 2
+    with np.errstate(divide="ignore"):
+        return s2 / (s2 + tau2)
+
+
+def fit_tau2(s, zeta, s_min=0.0):
+    """Least-squares fit of zeta = 1 / (1 + tau^2 / s^2) over the directions with s > s_min.
+
+    s [k] (the median replica singular value), zeta [k] -> tau^2 (float, raw units of s^2); nan
+    when fewer than 2 usable directions. Below the noise edge the echo collapses to 0 instead of
+    following the law, so callers pass the Marchenko-Pastur edge as s_min. Searches log tau^2 on a
+    grid, then refines (Brent).
+    """
+    s = np.asarray(s, dtype=np.float64)
+    z = np.asarray(zeta, dtype=np.float64)
+    keep = np.isfinite(s) & np.isfinite(z) & (s > max(s_min, 0.0))
+    s, z = s[keep], z[keep]
+    if s.size < 2:
+        return math.nan
+    s2 = s**2
+    loss = lambda log_t: float(((s2 / (s2 + math.exp(log_t)) - z) ** 2).sum())
+    lo, hi = math.log(s2.min()) - 12, math.log(s2.max()) + 12
+    grid = np.linspace(lo, hi, 241)
+    best = int(np.argmin([loss(g) for g in grid]))
+    step = grid[1] - grid[0]
+    bounds = (grid[max(best - 1, 0)], grid[min(best + 1, grid.size - 1)])
+    if bounds[1] - bounds[0] < step:
+        return math.exp(grid[best])
+    res = minimize_scalar(loss, bounds=bounds, method="bounded", options={"xatol": 1e-10})
+    return math.exp(res.x)
+
+
+def noise_edge(sigma2, m, n):
+    """Top singular value of pure noise (Marchenko-Pastur edge) sigma (sqrt(m) + sqrt(n)). -> float."""
+    return math.sqrt(sigma2) * (math.sqrt(m) + math.sqrt(n)) if sigma2 >= 0 else math.nan
+
+
+def kappa(tau2, sigma2, m, n):
+    """tau^2 over its Marchenko-Pastur prediction sigma^2 (sqrt(m) + sqrt(n))^2. floats -> float."""
+    pred = sigma2 * (math.sqrt(m) + math.sqrt(n)) ** 2
+    return tau2 / pred if pred > 0 else math.nan
+
+
+# ----------------------------------------------------------------------------------------------
+# Subspaces and orthogonalization
+
+
+def subspace_alignment(a, b, k):
+    """Mean cosine of the principal angles between span(a[:, :k]) and span(b[:, :k]).
+
+    a [m, k1], b [m, k2] orthonormal columns -> float in [0, 1].
+    """
+    k = min(k, a.shape[1], b.shape[1])
+    cos = torch.linalg.svdvals(a[:, :k].mT @ b[:, :k])
+    return float(cos.clamp(max=1.0).mean())
+
+
+def _odd_quintic(x, coeffs, scale):
+    """Odd-quintic iterations X = a X + (b A + c A A) X, A = X X^T, on the wide orientation.
+
+    x [m, n] -> [m, n]; x is divided by `scale` first.
+    """
+    tall = x.shape[0] > x.shape[1]
+    x = x.mT if tall else x
+    x = x / scale
+    for a, b, c in coeffs:
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if tall else x
+
+
+def ns5_tuned(x):
+    """Tuned NS5 of the record: X / (||X||_F + 1e-7), five steps. [m, n] -> [m, n]."""
+    return _odd_quintic(x, NS5_TUNED, torch.linalg.norm(x) + 1e-7)
+
+
+def polar_express(x):
+    """Polar Express: X / (||X||_F * 1.02 + 1e-6), five tuned steps. [m, n] -> [m, n]."""
+    return _odd_quintic(x, POLAR_EXPRESS, torch.linalg.norm(x) * POLAR_EXPRESS_SAFETY + 1e-6)
+
+
+def quintic_on_values(s, coeffs, scale):
+    """What an odd-quintic iteration does to each singular value: x = s / scale, x = a x + b x^3 + c x^5.
+
+    The matrix iteration X = a X + (b A + c A A) X with A = X X^T keeps the singular vectors and maps
+    every singular value through this scalar map, so its output is U diag(p(s)) V^T. [k] -> [k] (fp64).
+    """
+    x = s.double() / scale
+    for a, b, c in coeffs:
+        x = a * x + b * x**3 + c * x**5
+    return x
+
+
+def method_singular_values(s, method):
+    """Singular values of tuned NS5 ("ns5") or Polar Express ("pe") applied to a matrix with singular
+    values s (normalization included, as in ns5_tuned / polar_express). [k] -> [k] fp64."""
+    frob = float(torch.sqrt((s.double() ** 2).sum()))
+    if method == "ns5":
+        return quintic_on_values(s, NS5_TUNED, frob + 1e-7)
+    return quintic_on_values(s, POLAR_EXPRESS, frob * POLAR_EXPRESS_SAFETY + 1e-6)
+
+
+def orthogonality_error_of_values(p):
+    """||O O^T - I||_F / sqrt(k) for O = U diag(p) V^T (the short side). [k] -> float."""
+    return float(torch.sqrt(((p.double() ** 2 - 1) ** 2).mean()))
+
+
+def polar_distance_of_values(p):
+    """||O - U V^T||_F / ||U V^T||_F for O = U diag(p) V^T. [k] -> float."""
+    return float(torch.sqrt(((p.double() - 1) ** 2).mean()))
+
+
+def polar_from_svd(u, v):
+    """Exact polar factor U V^T. u [m, k], v [n, k] -> [m, n]."""
+    return u @ v.mT
+
+
+def orthogonality_error(o):
+    """||O O^T - I||_F / sqrt(k) on the short side: 0 for a partial isometry. [m, n] -> float."""
+    o = o.mT if o.shape[0] > o.shape[1] else o
+    gram = o @ o.mT
+    gram.diagonal().sub_(1.0)
+    return float(torch.linalg.norm(gram) / math.sqrt(o.shape[0]))
+
+
+def polar_distance(o, polar):
+    """Relative distance to the exact polar factor ||O - U V^T||_F / ||U V^T||_F. [m, n] -> float."""
+    ref = torch.linalg.norm(polar)
+    return float(torch.linalg.norm(o - polar) / ref) if ref > 0 else math.nan

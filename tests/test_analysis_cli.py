@@ -1,0 +1,236 @@
+"""analysis.py end to end on CPU-preset checkpoints of the baseline (shrunk): table, plots, render, resume, errors."""
+
+import csv
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+from kit.shards import write_shard  # noqa: E402
+
+import analysis  # noqa: E402
+from analysis_lib import checkpoints as ck  # noqa: E402
+from analysis_lib import outputs, plots, tree  # noqa: E402
+
+SHRINK = ["--vocab_size=256", "--model_dim=32", "--num_heads=1", "--train_seq_len=64", "--val_seq_len=64",
+          "--micro_batches=2", "--val_tokens=128", "--max_window=64", "--val_loss_every=0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices on a shared CPU: a second thread only spins
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, baseline):
+    """Two checkpoints (steps 2 and 4) of the CPU preset with 16 blocks, shrunk to a 32-wide model."""
+    folder = tmp_path_factory.mktemp("analysis_run")
+    rng = np.random.default_rng(0)
+    write_shard(folder / "tiny_train_000.bin", rng.integers(0, 256, 20_000))
+    write_shard(folder / "tiny_val_000.bin", rng.integers(0, 256, 4_000))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    baseline.main(["--preset=cpu", f"--train_files={folder}/tiny_train_*.bin", f"--val_files={folder}/tiny_val_*.bin",
+                   "--num_iterations=4", "--checkpoint_every=2", f"--log_dir={folder}/logs",
+                   f"--checkpoint_dir={folder}/ckpt", "--run_id=tiny", *SHRINK])
+    torch.set_num_threads(threads)
+    return [folder / "ckpt" / "tiny" / "step_000002.pt", folder / "ckpt" / "tiny" / "step_000004.pt"]
+
+
+def run_cli(*argv):
+    return analysis.main([str(a) for a in argv])
+
+
+def expected_plots(folder, steps, scalar_names, array_names):
+    names = {f"plots/{p}_vs_step.png" for p in scalar_names}
+    for prop in plots.ARRAY_PLOTS:
+        if prop in array_names:
+            names.add(f"plots/{prop}.gif")
+            names |= {f"plots/{prop}/{outputs.stem(s)}.png" for s in steps}
+    return names
+
+
+def plot_files(folder):
+    return {str(p.relative_to(folder)) for p in (folder / "plots").rglob("*") if p.is_file()}
+
+
+def test_end_to_end_table_plots_and_render(checkpoints, tmp_path, capsys):
+    out = tmp_path / "out"
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"format": "someone-else/2", "model": {}}, foreign)
+    with pytest.raises(SystemExit, match="3 of 5 checkpoints could not be analysed"):
+        run_cli(checkpoints[0], tmp_path / "missing.pt", corrupt, foreign, checkpoints[1], "--replicas=3", "--out", out)
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 3 and all(line.startswith("error: ") for line in err_lines)
+    assert "missing.pt: no such file" in err_lines[0]
+    assert "corrupt.pt: unreadable" in err_lines[1]
+    assert "not a gpt-medium-ckpt/1 checkpoint" in err_lines[2]
+
+    run = out / "tiny"
+    scalar_names = [n for n in tree.default_properties() if tree.BY_NAME[n].kind == "scalar"]
+    array_names = [n for n in tree.default_properties() if tree.BY_NAME[n].kind == "array"]
+    for step in (2, 4):
+        with open(run / f"{outputs.stem(step)}.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 92  # 15 attention blocks x 4 + 16 x 2 MLP
+        assert sum(r["kind"] == "q" for r in rows) == 15 and sum(r["kind"] == "mlp_in" for r in rows) == 16
+        assert not any(r["layer"] == "7" and r["kind"] in "qkvo" for r in rows)
+        assert set(scalar_names) <= set(rows[0])
+        for name in ("sigma2", "rho", "stable_rank_w", "effective_rank_g", "orth_err_ns5", "alpha_w"):
+            assert all(math.isfinite(float(r[name])) for r in rows), name
+        arrays = outputs.read_npz(run / f"{outputs.stem(step)}.npz")
+        assert arrays["mlp_in/3/echo"].shape == (32,) and arrays["q/0/replica_cos_u"].shape == (3, 32)
+        meta = outputs.read_json(run / f"{outputs.stem(step)}.json")
+        assert meta["replicas"] == 3 and meta["tokens_per_replica"] == 64 and meta["matrices"] == 92
+        assert not (run / f"{outputs.stem(step)}.partial").exists()
+    # Weights in the table are the checkpoint's own.
+    ckpt = torch.load(checkpoints[1], weights_only=True)
+    s = torch.linalg.svdvals(ckpt["model"]["blocks.3.mlp.fc_w"].float())
+    assert float(rows[[r["param"] for r in rows].index("blocks.3.mlp.fc_w")]["spectral_norm_w"]) == pytest.approx(
+        float(s[0]), rel=1e-5)
+
+    want = expected_plots(run, (2, 4), scalar_names, array_names)
+    assert plot_files(run) == want
+
+    # --render from the saved results alone (no checkpoints) redraws the same plots, pixel for pixel.
+    copy = tmp_path / "copy"
+    (copy / "tiny").mkdir(parents=True)
+    for f in run.iterdir():
+        if f.is_file():
+            shutil.copy(f, copy / "tiny" / f.name)
+    run_cli("--render", "--out", copy)
+    assert plot_files(copy / "tiny") == want
+    for name in want:
+        assert (copy / "tiny" / name).read_bytes() == (run / name).read_bytes(), name
+
+
+def test_rerun_skips_and_interrupted_run_resumes(checkpoints, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    props = "sigma2,stable_rank_w,sv_g"
+    real_run = tree.run
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 30:
+            raise KeyboardInterrupt
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(tree, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(checkpoints[0], "--replicas=2", "--properties", props, "--out", out, "--skip_plots")
+    monkeypatch.setattr(tree, "run", real_run)
+    partial = out / "tiny" / "step_000002.partial"
+    assert len(list(partial.iterdir())) == 29 and not (out / "tiny" / "step_000002.csv").exists()
+    capsys.readouterr()
+    run_cli(checkpoints[0], "--replicas=2", "--properties", props, "--out", out, "--skip_plots")
+    assert "resuming: 29 matrices already done" in capsys.readouterr().out
+    resumed = (out / "tiny" / "step_000002.csv").read_text()
+    fresh_out = tmp_path / "fresh"
+    run_cli(checkpoints[0], "--replicas=2", "--properties", props, "--out", fresh_out, "--skip_plots")
+    assert (fresh_out / "tiny" / "step_000002.csv").read_text() == resumed
+    run_cli(checkpoints[0], "--replicas=2", "--properties", props, "--out", out, "--skip_plots")
+    assert "already done, skipped" in capsys.readouterr().out
+
+
+def test_non_finite_weights_give_a_one_line_error_and_the_others_run(checkpoints, tmp_path, capsys):
+    ckpt = torch.load(checkpoints[0], weights_only=True)
+    ckpt["model"]["blocks.5.mlp.fc_w"][0, 0] = float("nan")
+    broken = tmp_path / "step_nan.pt"
+    torch.save(ckpt, broken)
+    with pytest.raises(SystemExit, match="1 of 2 checkpoints"):
+        run_cli(broken, checkpoints[1], "--properties", "stable_rank_w", "--out", tmp_path / "out", "--skip_plots")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mlp_in layer 5" in err[0] and "finite" in err[0]
+    assert (tmp_path / "out" / "tiny" / "step_000004.csv").exists()
+
+
+def test_replica_gradients_come_from_disjoint_heldout_slices(checkpoints):
+    ckpt = ck.read_checkpoint(checkpoints[1])
+    module = ck.load_script(ckpt, str(ROOT))
+    refs = [r for r in ck.matrix_refs(ckpt["model"]) if r.layer == 2]
+    opts = analysis.parse_args(["x"])
+    owner = analysis.owners_of(refs, 1)
+    stacks, tokens = analysis.replica_gradients(ckpt, refs, owner, 3, ContextStub(), opts)
+    args = ck.hyper(ckpt, module)
+    stream = ck.heldout_stream(module, args.val_files, 3 * (tokens + 1), str(ROOT))
+    val_tokens = module.read_shard(sorted(Path(args.val_files).parent.glob("tiny_val_*.bin"))[0])
+    assert torch.equal(stream, val_tokens[:3 * (tokens + 1)].long())
+    model = module.model_from_checkpoint(ckpt)
+    inputs, targets = ck.replica_batch(stream, 2, tokens)
+    assert torch.equal(inputs[1:], targets[:-1]) and inputs[0] == stream[2 * (tokens + 1)]
+    model(inputs, targets, module.window_blocks(ckpt["step"], args)).backward()
+    for ref in refs:
+        want = ck.take(dict(model.named_parameters())[ref.param].grad, ref)
+        assert torch.allclose(stacks[ref.label][2], want, rtol=1e-4, atol=1e-7), ref.label
+        assert not torch.allclose(stacks[ref.label][0], stacks[ref.label][1])
+
+
+class ContextStub:
+    rank, world, device = 0, 1, torch.device("cpu")
+
+    def say(self, text, every_rank=False):
+        pass
+
+
+def test_script_falls_back_to_embedded_source(checkpoints):
+    ckpt = ck.read_checkpoint(checkpoints[0])
+    moved = dict(ckpt, script_path="speedruns/not_here.py")
+    module = ck.load_script(moved, str(ROOT))
+    assert os.path.basename(module.__file__) == "not_here.py" and hasattr(module, "model_from_checkpoint")
+    with pytest.raises(ck.CheckpointError, match="does not match source_sha256"):
+        ck.load_script(dict(moved, source=ckpt["source"] + "\n# edited\n"), str(ROOT))
+
+
+def test_master_weights_restore_bf16_mantissa():
+    full = torch.randn(3, 4)
+    bits = full.view(torch.int32)
+    ckpt = {"model": {"blocks.0.mlp.fc_w": (bits >> 16).short().view(torch.bfloat16)},
+            "optimizer": {"muon": {"blocks.0.mlp.fc_w": {"mantissa": (bits & 0xFFFF).short()}}}}
+    ref = ck.matrix_refs(ckpt["model"])[0]
+    assert torch.equal(analysis.master_weights(ckpt, ref), full)
+
+
+def test_list_help_and_render_without_results(tmp_path, capsys):
+    run_cli("--list")
+    listing = capsys.readouterr().out
+    assert "echo" in listing and "kappa" in listing and len(listing.splitlines()) == len(tree.NODES)
+    with pytest.raises(SystemExit, match="no finished results"):
+        run_cli("--render", "--out", tmp_path)
+    with pytest.raises(SystemExit) as done:
+        run_cli("--help")
+    lines = capsys.readouterr().out.splitlines()
+    assert done.value.code == 0 and lines[0].startswith("Map a tree of matrix properties")
+    assert lines[2].startswith("Example: python analysis.py")
+
+
+def test_torchrun_shards_matrices_and_matches_one_process(checkpoints, tmp_path):
+    props = "sigma2,rho,echo,tau2,stable_rank_w"
+    run_cli(checkpoints[1], "--replicas=4", "--properties", props, "--out", tmp_path / "one", "--skip_plots")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "analysis.py"), str(checkpoints[1]), "--replicas=4", "--properties", props,
+           "--out", str(tmp_path / "two"), "--skip_plots"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[rank 1]   matrix" in proc.stdout  # both processes analysed matrices
+    one = (tmp_path / "one" / "tiny" / "step_000004.csv").read_text()
+    assert (tmp_path / "two" / "tiny" / "step_000004.csv").read_text() == one
+    assert not (tmp_path / "two" / "tiny" / "plots").exists()
+    a = outputs.read_npz(tmp_path / "one" / "tiny" / "step_000004.npz")
+    b = outputs.read_npz(tmp_path / "two" / "tiny" / "step_000004.npz")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -1,0 +1,315 @@
+"""analysis_lib math and property tree on planted data whose answers are known."""
+
+import math
+import sys
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from analysis_lib import spectral as sp  # noqa: E402
+from analysis_lib import tree  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices on a shared CPU: a second thread only spins (20x slower SVDs)
+    yield
+    torch.set_num_threads(threads)
+
+
+def orthonormal(rows, cols, gen):
+    q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=gen, dtype=torch.float64))
+    return q
+
+
+def planted_matrix(s, m, n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.as_tensor(s, dtype=torch.float64)
+    u, v = orthonormal(m, len(s), gen), orthonormal(n, len(s), gen)
+    return u, v, u @ torch.diag(s) @ v.T
+
+
+def planted_replicas(m, n, s, sigma, replicas, seed):
+    """Low-rank signal U diag(s) V^T plus iid N(0, sigma^2) noise per replica. -> (U, V, G [R, m, n] fp32)."""
+    u, v, signal = planted_matrix(s, m, n, seed)
+    gen = torch.Generator().manual_seed(seed + 1000)
+    noise = sigma * torch.randn(replicas, m, n, generator=gen, dtype=torch.float64)
+    return u.float(), v.float(), (signal + noise).float()
+
+
+# ------------------------------------------------------------------------------ scalar properties
+
+
+def test_scalar_properties_on_planted_singular_values():
+    s_true = [4.0, 2.0, 1.0, 0.5]
+    _, _, a = planted_matrix(s_true, 7, 4)
+    s = sp.svd(a.float())[1]
+    assert s.shape == (4,)
+    energy = sum(x * x for x in s_true)
+    p = np.array(s_true) / sum(s_true)
+    q = np.array(s_true) ** 2 / energy
+    assert sp.spectral_norm(s) == pytest.approx(4.0, rel=1e-5)
+    assert sp.frobenius_norm(s) == pytest.approx(math.sqrt(energy), rel=1e-5)
+    assert sp.stable_rank(s) == pytest.approx(energy / 16, rel=1e-5)
+    assert sp.effective_rank(s) == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-5)
+    assert sp.spectral_entropy(s) == pytest.approx(-(q * np.log(q)).sum() / math.log(4), rel=1e-5)
+    assert sp.condition_number(s) == pytest.approx(8.0, rel=1e-4)
+    assert sp.top_k_energy(s, 2) == pytest.approx(20 / energy, rel=1e-5)
+
+
+def test_scalar_properties_at_their_extremes():
+    flat = torch.ones(6)  # an orthogonal matrix
+    assert sp.stable_rank(flat) == pytest.approx(6)
+    assert sp.effective_rank(flat) == pytest.approx(6)
+    assert sp.spectral_entropy(flat) == pytest.approx(1.0)
+    assert sp.condition_number(flat) == pytest.approx(1.0)
+    rank_one = torch.tensor([3.0, 0.0, 0.0])
+    assert sp.stable_rank(rank_one) == pytest.approx(1.0)
+    assert sp.effective_rank(rank_one) == pytest.approx(1.0)
+    assert sp.spectral_entropy(rank_one) == pytest.approx(0.0)
+    assert sp.condition_number(rank_one) == math.inf
+    zero = torch.zeros(4)
+    assert math.isnan(sp.stable_rank(zero)) and math.isnan(sp.condition_number(zero))
+
+
+def test_powerlaw_alpha_recovers_a_planted_pareto_tail():
+    rng = np.random.default_rng(3)
+    alpha, xmin = 2.5, 4.0
+    tail = xmin * (1 - rng.random(1500)) ** (-1 / (alpha - 1))
+    bulk = rng.uniform(0.05, 0.8 * xmin, 500)
+    s = torch.from_numpy(np.sqrt(np.concatenate([tail, bulk])))
+    got, got_xmin, ks = sp.powerlaw_alpha(s)
+    assert got == pytest.approx(alpha, rel=0.05)
+    assert xmin * 0.8 <= got_xmin <= xmin * 2
+    assert 0 <= ks < 0.05
+    assert all(math.isnan(x) for x in sp.powerlaw_alpha(torch.zeros(50)))
+
+
+# ------------------------------------------------------------------------------ replicas and echo
+
+
+def test_noise_variance_and_plateau_on_planted_noise():
+    m, n, sigma, r = 64, 96, 0.3, 8
+    s = [40.0, 25.0, 10.0]
+    _, _, g = planted_replicas(m, n, s, sigma, r, seed=1)
+    energies = sp.replica_energies(g, g.mean(0))
+    assert sp.noise_variance(energies, g.shape) == pytest.approx(sigma**2, rel=0.05)
+    signal = sum(x * x for x in s)
+    assert sp.plateau_rho(energies) == pytest.approx(signal / (signal + m * n * sigma**2), abs=0.03)
+    same = torch.stack([g[0]] * 4)
+    flat = sp.replica_energies(same, g[0])
+    assert sp.noise_variance(flat, same.shape) == pytest.approx(0.0, abs=1e-12)
+    assert sp.plateau_rho(flat) == pytest.approx(1.0)
+    assert math.isnan(sp.plateau_rho(sp.replica_energies(torch.zeros(3, 2, 2), torch.zeros(2, 2))))
+
+
+def test_assignment_recovers_permutation_and_signs_exactly():
+    gen = torch.Generator().manual_seed(5)
+    m, n, k = 20, 12, 12
+    u, v = orthonormal(m, k, gen), orthonormal(n, k, gen)
+    perm = torch.randperm(k, generator=gen)
+    sign = torch.where(torch.rand(k, generator=gen) < 0.5, -1.0, 1.0).double()
+    ur, vr = u[:, perm] * sign, v[:, perm] * sign
+    cost = ((u.T @ ur).abs() * (v.T @ vr).abs()).numpy()
+    got = sp.assign_directions(cost)
+    assert torch.equal(perm[torch.from_numpy(got)], torch.arange(k))
+
+
+def test_assignment_matches_scipy_on_noisy_overlaps():
+    from scipy.optimize import linear_sum_assignment
+    gen = torch.Generator().manual_seed(6)
+    ref = sp.svd(torch.randn(60, 40, generator=gen, dtype=torch.float64))
+    for noise in (0.05, 0.5, 3.0):  # from nearly the same directions (all sure) to unrelated ones
+        g = ref[0] @ torch.diag(ref[1]) @ ref[2].T + noise * torch.randn(60, 40, generator=gen, dtype=torch.float64)
+        other = sp.svd(g)
+        cost = ((ref[0].T @ other[0]).abs() * (ref[2].T @ other[2]).abs()).numpy()
+        rows, cols = linear_sum_assignment(cost, maximize=True)
+        got = sp.assign_directions(cost)
+        assert sorted(got) == list(range(40))
+        assert cost[np.arange(40), got].sum() == pytest.approx(cost[rows, cols].sum(), rel=1e-12)
+
+
+def test_alignment_undoes_the_reordering_of_replica_svds():
+    # Replica r = U diag(s_r) V^T with s_r a permutation of s: its SVD lists the directions in another
+    # order, with arbitrary signs; alignment must bring back U, V and report s_r in the reference order.
+    gen = torch.Generator().manual_seed(7)
+    m, n, k, r = 16, 10, 10, 4
+    u, v = orthonormal(m, k, gen), orthonormal(n, k, gen)
+    s = torch.linspace(10, 1, k, dtype=torch.float64)
+    perms = [torch.randperm(k, generator=gen) for _ in range(r)]
+    reps = torch.stack([u @ torch.diag(s[p]) @ v.T for p in perms])
+    al = sp.align_replicas(u, v, reps)
+    for i, p in enumerate(perms):
+        assert torch.allclose(al["u"][i], u, atol=1e-10) and torch.allclose(al["v"][i], v, atol=1e-10)
+        assert torch.allclose(al["s"][i], s[p], atol=1e-10)
+        assert torch.equal(torch.sort(s[p], descending=True).indices[al["perm"][i]], torch.arange(k))
+    assert torch.allclose(al["cos_u"], torch.ones(r, k, dtype=torch.float64))
+    assert torch.allclose(al["cos_v"], torch.ones(r, k, dtype=torch.float64))
+
+
+def test_echo_estimator_formula_on_equal_echoes():
+    # Z_ab = c^2 off the diagonal: s_a = ((Z Z) * Z^T) 1 / ||Z||_F^2 = c^2 (R - 2) / R exactly.
+    c, r = 0.7, 6
+    z = torch.full((2, r, r), c * c, dtype=torch.float64)
+    z.diagonal(dim1=1, dim2=2).zero_()
+    z[1] = 0.0
+    got = sp.echo_per_pivot(z)
+    assert torch.allclose(got[0], torch.full((r,), c * math.sqrt((r - 2) / r), dtype=torch.float64))
+    assert torch.equal(got[1], torch.zeros(r, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("replicas", [5, 20])  # the pair loop and the batched-matmul path
+def test_reverb_matrix_entries(replicas):
+    gen = torch.Generator().manual_seed(8)
+    u, v = torch.randn(replicas, 9, 6, generator=gen), torch.randn(replicas, 7, 6, generator=gen)
+    z = sp.reverb_matrix(u, v, chunk=4)
+    for i, a, b in ((0, 1, 2), (5, 3, 0), (2, 4, 4)):
+        want = 0.0 if a == b else float((u[a, :, i] @ u[b, :, i]) * (v[a, :, i] @ v[b, :, i]))
+        assert float(z[i, a, b]) == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert torch.allclose(z, z.mT)
+
+
+def echo_rmse(replicas, seed):
+    """128x256 with 12 planted directions above the noise edge: estimated vs true echo, and kappa."""
+    m, n, k = 128, 256, 12
+    edge = math.sqrt(m) + math.sqrt(n)  # sigma = 1
+    u, v, g = planted_replicas(m, n, torch.linspace(4.0, 1.0, k) * edge, 1.0, replicas, seed)
+    res, _ = tree.run(["echo", "sv_median", "tau2", "kappa", "sigma2"], {"weight": g[0], "replicas": g})
+    # The true echo of replica r: <u_i, u_hat_i^r> <v_i, v_hat_i^r> with its directions aligned as analysed.
+    um, _, vm = sp.svd(g.mean(0))
+    al = sp.align_replicas(um, vm, g)
+    true = (torch.einsum("mk,rmk->rk", u, al["u"][:, :, :k]) * torch.einsum("nk,rnk->rk", v, al["v"][:, :, :k]))
+    true = sp.median_over(true, 0)
+    rmse = float(((res["echo"][:k] - true) ** 2).mean().sqrt())
+    return rmse, res
+
+
+def test_echo_error_is_small_and_shrinks_with_replicas():
+    errors = {r: echo_rmse(r, seed=11)[0] for r in (8, 16, 64)}
+    print("echo RMSE by R:", {r: round(e, 4) for r, e in errors.items()})
+    assert errors[64] <= 0.05
+    assert errors[8] > errors[16] > errors[64]
+
+
+def test_kappa_is_reported_on_planted_noise():
+    _, res = echo_rmse(16, seed=12)
+    assert res["sigma2"] == pytest.approx(1.0, rel=0.05)
+    print(f"kappa on planted Gaussian noise (R=16): {res['kappa']:.3f}, tau^2 {res['tau2']:.1f}")
+    assert math.isfinite(res["kappa"]) and res["kappa"] > 0
+
+
+def test_tau2_fit_recovers_the_law():
+    rng = np.random.default_rng(2)
+    tau2 = 850.0
+    s = np.sort(rng.uniform(10, 200, 300))[::-1]
+    zeta = sp.echo_law(s, tau2) + rng.normal(0, 0.01, s.size)
+    assert sp.fit_tau2(s, zeta) == pytest.approx(tau2, rel=0.02)
+    # Directions below s_min are left out of the fit, whatever their echo.
+    spoiled = np.where(s < 40, 0.0, zeta)
+    assert sp.fit_tau2(s, spoiled, s_min=40) == pytest.approx(tau2, rel=0.02)
+    assert math.isnan(sp.fit_tau2(s, zeta, s_min=1e9))
+
+
+# ------------------------------------------------------------------------------ subspaces, orthogonalization
+
+
+def test_subspace_alignment_of_known_angles():
+    gen = torch.Generator().manual_seed(0)
+    q = orthonormal(10, 4, gen)
+    assert sp.subspace_alignment(q, q, 4) == pytest.approx(1.0)
+    assert sp.subspace_alignment(q[:, :2], q[:, 2:], 2) == pytest.approx(0.0, abs=1e-12)
+    tilted = (q[:, :2] + q[:, 2:]) / math.sqrt(2)  # 45 degrees from span(q[:, :2])
+    assert sp.subspace_alignment(q[:, :2], tilted, 2) == pytest.approx(math.sqrt(0.5))
+
+
+def scalar_iteration(s, coeffs, scale):
+    x = np.asarray(s, dtype=np.float64) / scale
+    for a, b, c in coeffs:
+        x = a * x + b * x**3 + c * x**5
+    return x
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_orthogonalizers_act_on_singular_values_only(shape):
+    s = np.array([3.0, 1.0, 0.3, 0.05, 0.01])
+    u, v, a = planted_matrix(s, *shape, seed=4)
+    frob = float(np.sqrt((s**2).sum()))
+    for fn, coeffs, scale in ((sp.ns5_tuned, sp.NS5_TUNED, frob + 1e-7),
+                              (sp.polar_express, sp.POLAR_EXPRESS, frob * sp.POLAR_EXPRESS_SAFETY + 1e-6)):
+        expect = u @ torch.diag(torch.from_numpy(scalar_iteration(s, coeffs, scale))) @ v.T
+        assert torch.allclose(fn(a), expect, atol=1e-9)
+    # The tree takes both methods' errors from the singular values; they match the matrix iterations.
+    full = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    sv = torch.linalg.svdvals(full)
+    for fn, key in ((sp.ns5_tuned, "ns5"), (sp.polar_express, "pe")):
+        p = sp.method_singular_values(sv, key)
+        out = fn(full)
+        assert sp.orthogonality_error_of_values(p) == pytest.approx(sp.orthogonality_error(out), rel=1e-9)
+        polar = sp.polar_from_svd(*sp.svd(full)[::2])
+        assert sp.polar_distance_of_values(p) == pytest.approx(sp.polar_distance(out, polar), rel=1e-9)
+    uf, _, vf = sp.svd(torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    polar = sp.polar_from_svd(uf, vf)
+    assert sp.orthogonality_error(polar) == pytest.approx(0.0, abs=1e-12)
+    assert sp.polar_distance(2 * polar, polar) == pytest.approx(1.0)
+    q = orthonormal(shape[0], min(shape), torch.Generator().manual_seed(1))
+    assert sp.orthogonality_error(2 * q) == pytest.approx(3.0)  # ||4I - I||_F / sqrt(k)
+
+
+# ------------------------------------------------------------------------------ the tree and its runner
+
+
+def test_runner_computes_only_what_is_asked():
+    calls = []
+    w = torch.randn(6, 4)
+    res, seconds = tree.run(["stable_rank_w"], {"weight": w, "momentum": None,
+                                                "replicas": lambda: calls.append(1)})
+    assert not calls
+    assert set(seconds) == {"svd_w", "sv_w", "stable_rank_w"}
+    assert set(res) == {"stable_rank_w"}
+    assert res["stable_rank_w"] == pytest.approx(sp.stable_rank(torch.linalg.svdvals(w)), rel=1e-6)
+
+
+def test_runner_frees_the_replica_stack_after_its_last_consumer():
+    gen = torch.Generator().manual_seed(0)
+    stack = [torch.randn(4, 6, 5, generator=gen)]
+    ref = weakref.ref(stack[0])
+    alive_at = {}
+
+    def loader():
+        return stack.pop()
+
+    def on_node(name):
+        alive_at[name] = ref() is not None
+
+    res, seconds = tree.run(tree.default_properties(), {"weight": torch.randn(6, 5, generator=gen),
+                                                         "momentum": torch.randn(6, 5, generator=gen),
+                                                         "replicas": loader}, on_node)
+    assert alive_at["aligned"] and not alive_at["svd_w"]
+    assert set(res) == set(tree.default_properties())
+    assert all(name in seconds for name in tree.BY_NAME if tree.BY_NAME[name].default)
+
+
+def test_runner_skips_what_an_absent_root_feeds():
+    res, _ = tree.run(tree.default_properties(), {"weight": torch.randn(5, 5), "momentum": None, "replicas": None})
+    assert math.isfinite(res["alpha_w"]) or math.isnan(res["alpha_w"])
+    assert math.isfinite(res["stable_rank_w"])
+    for name in ("sigma2", "tau2", "kappa", "orth_err_ns5", "stable_rank_m", "subspace_align_wm"):
+        assert math.isnan(res[name])
+    assert "echo" not in res
+
+
+def test_declared_tree_is_topological_and_listed():
+    seen = set(tree.ROOTS)
+    for node in tree.NODES:
+        assert set(node.inputs) <= seen, node.name
+        seen.add(node.name)
+    listing = tree.describe()
+    for node in tree.NODES:
+        assert node.name in listing
+    with pytest.raises(SystemExit, match="unknown properties nope"):
+        tree.resolve_request("echo,nope")
