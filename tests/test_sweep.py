@@ -1,0 +1,174 @@
+"""tools/sweep (grid, run ids, resume) and the benchmark's helpers (tools/kit/bench_optimizers.py)."""
+
+import csv
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+from kit import bench_optimizers, logs, sweep  # noqa: E402
+
+SEP = "=" * 100
+
+
+def option(cmd, name):
+    return next(a.split("=", 1)[1] for a in cmd if a.startswith(f"--{name}="))
+
+
+class FakeTrainer:
+    """Stands in for the training script: writes a log whose final loss is 3 + |log10(lr) + 2|,
+    records every call, and can be told to die half-way through a given call (like Ctrl-C)."""
+
+    def __init__(self, interrupt_on_call=None):
+        self.calls = []
+        self.interrupt_on_call = interrupt_on_call
+
+    def __call__(self, cmd, cwd, stdout_path):
+        self.calls.append(cmd)
+        log = Path(option(cmd, "log_dir")) / f"{option(cmd, 'run_id')}.txt"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        steps = int(option(cmd, "num_iterations"))
+        final = 3 + abs(math.log10(float(option(cmd, "muon_lr"))) + 2)
+        lines = ["source", SEP, "env", SEP, f"step:0/{steps} val_loss:10.0000 train_time:0ms step_avg:0.00ms"]
+        lines += [f"step:{s}/{steps} train_time:{s * 10}ms step_avg:10.00ms" for s in range(1, steps + 1)]
+        if len(self.calls) == self.interrupt_on_call:
+            log.write_text("\n".join(lines[:-2]) + "\n")  # killed before the final validation
+            raise KeyboardInterrupt
+        lines.append(f"step:{steps}/{steps} val_loss:{final:.6f} train_time:{steps * 10}ms step_avg:10.00ms")
+        log.write_text("\n".join(lines) + "\n")
+        return 0
+
+
+def test_parse_sweep_args():
+    spec = sweep.parse_sweep_args(
+        ["polar", "--lr=0.01,0.02", "--seed=1,2", "--preset=cpu", "--parallel", "2", "--out=o", "--", "--ck=1:2,3"]
+    )
+    assert spec.variant == "polar" and spec.grid == {"muon_lr": ["0.01", "0.02"], "seed": ["1", "2"]}
+    assert spec.passthrough == ["--preset=cpu", "--ck=1:2,3"] and spec.parallel == 2 and spec.out == Path("o")
+    assert sweep.parse_sweep_args(["baseline", "--lr=0.05"]).grid == {"muon_lr": ["0.05"]}  # lr is always an axis
+    for bad in (["--lr=1,2"], ["v", "--seed=1"], ["v", "--lr=1,2", "--parallel=0"], ["v", "w", "--lr=1,2"]):
+        with pytest.raises(SystemExit) as info:
+            sweep.parse_sweep_args(bad)
+        assert "tools/sweep:" in str(info.value.code) and "\n" not in str(info.value.code)
+
+
+def test_run_ids_are_deterministic():
+    a = sweep.run_id_for("sweep", "polar", {"muon_lr": "0.01"}, ["--preset=cpu"])
+    assert a == sweep.run_id_for("sweep", "polar", {"muon_lr": "0.01"}, ["--preset=cpu"])
+    assert a.startswith("sweep_polar_muon_lr-0.01_")
+    assert a != sweep.run_id_for("sweep", "polar", {"muon_lr": "0.01"}, ["--preset=cpu", "--num_iterations=9"])
+    assert a != sweep.run_id_for("sweep", "polar", {"muon_lr": "0.02"}, ["--preset=cpu"])
+
+
+def test_sweep_interrupted_after_one_run_resumes_without_rerunning_it(tmp_path, capsys):
+    argv = ["baseline", "--lr=0.001,0.01,0.1", "--num_iterations=3", f"--out={tmp_path}"]
+    first = FakeTrainer(interrupt_on_call=2)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(sweep.parse_sweep_args(argv), runner=first)
+    assert len(first.calls) == 2
+    done_id = option(first.calls[0], "run_id")
+    cut_id = option(first.calls[1], "run_id")
+
+    second = FakeTrainer()
+    points = sweep.run_sweep(sweep.parse_sweep_args(argv), runner=second)
+    rerun = [option(c, "run_id") for c in second.calls]
+    assert done_id not in rerun and rerun[0] == cut_id and len(rerun) == 2
+    assert [p.status for p in points] == ["resumed", "done", "done"]
+    assert (tmp_path / "logs" / f"{cut_id}.txt.partial").exists()  # the interrupted log is kept aside
+
+    with open(tmp_path / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["muon_lr"] for r in rows] == ["0.001", "0.01", "0.1"]
+    assert [float(r["final_val_loss"]) for r in rows] == pytest.approx([4.0, 3.0, 4.0])
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "0.001" in capsys.readouterr().out
+
+    third = FakeTrainer()
+    sweep.run_sweep(sweep.parse_sweep_args(argv), runner=third)
+    assert third.calls == []  # everything finished: nothing runs again
+
+
+def test_sweep_in_parallel_keeps_grid_order(tmp_path):
+    argv = ["baseline", "--lr=0.1,0.01", "--seed=1,2", "--num_iterations=2", "--parallel=2", f"--out={tmp_path}"]
+    trainer = FakeTrainer()
+    points = sweep.run_sweep(sweep.parse_sweep_args(argv), runner=trainer)
+    assert len(trainer.calls) == 4 and all(p.status == "done" for p in points)
+    with open(tmp_path / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["muon_lr"], r["seed"]) for r in rows] == [("0.1", "1"), ("0.1", "2"), ("0.01", "1"), ("0.01", "2")]
+    assert [float(r["final_val_loss"]) for r in rows] == pytest.approx([4.0, 4.0, 3.0, 3.0])
+
+
+def test_sweep_commands(tmp_path):
+    spec = sweep.parse_sweep_args(["polar", "--lr=0.01,0.02", "--nproc=8", "--preset=cpu", f"--out={tmp_path}"])
+    points = sweep.make_points(spec, Path("/r/speedruns/train_gpt_medium_polar.py"), tmp_path)
+    cmd = points[1].cmd
+    assert cmd[:4] == ["torchrun", "--standalone", "--nproc_per_node=8", "/r/speedruns/train_gpt_medium_polar.py"]
+    log_dir = tmp_path / "logs"
+    assert cmd[4:] == [f"--run_id={points[1].run_id}", f"--log_dir={log_dir}", "--preset=cpu", "--muon_lr=0.02"]
+
+
+def test_bench_mean_curve_target_and_ratio():
+    V = logs.Validation
+    base = [[V(0, 10, 0), V(10, 6, 1000), V(20, 4, 2000)], [V(0, 10, 0), V(5, 9, 1), V(10, 8, 3000), V(20, 6, 4000)]]
+    curve = bench_optimizers.mean_curve([logs.Run(20, 20, validations=c) for c in base])
+    assert [(v.step, v.val_loss, v.train_time_ms) for v in curve] == [(0, 10, 0), (10, 7, 2000), (20, 5, 3000)]
+
+    def result(name, curves):
+        pts = []
+        for i, c in enumerate(curves):
+            run = logs.Run(c[-1].step, c[-1].step, validations=c)
+            pts.append(sweep.Point(f"{name}{i}", [], Path("x"), Path("y"), {"seed": str(i)}, "done", run))
+        mc = bench_optimizers.mean_curve([p.run for p in pts])
+        return bench_optimizers.VariantResult(name, "ok", pts, mc, [c[-1].val_loss for c in curves])
+
+    adamw = [[V(0, 10, 0), V(10, 9, 1), V(20, 6, 2)]]
+    missing = bench_optimizers.VariantResult("svd", "missing", [], [], [])
+    results = [result("baseline", base), result("adamw", adamw), missing]
+    target = bench_optimizers.auto_target(results)
+    assert target == 6  # the worse of the final mean losses 5 (baseline) and 6 (adamw)
+    rows, run_rows = bench_optimizers.report(results, target)
+    by = {r["variant"]: r for r in rows}
+    # baseline mean curve 10, 7, 5 crosses 6 halfway between steps 10 and 20
+    assert float(by["baseline"]["steps to target"]) == pytest.approx(15.0)
+    assert float(by["adamw"]["steps to target"]) == pytest.approx(20.0)
+    assert float(by["adamw"]["ratio to baseline"]) == pytest.approx(20 / 15, abs=1e-3)
+    assert by["svd"]["status"] == "missing" and by["svd"]["steps to target"] == ""
+    assert by["baseline"]["seed range"] == "10.0-20.0 (2/2)"  # seed 0 reaches 6 at step 10, seed 1 at step 20
+    assert len(run_rows) == 3
+    assert "fewer" in bench_optimizers.answer(rows) and "3325" in bench_optimizers.answer(rows)
+
+
+BASELINE = ROOT / "speedruns" / "train_gpt_medium.py"
+
+
+@pytest.mark.skipif(not BASELINE.exists(), reason="the baseline script is not written yet")
+def test_sweep_with_the_real_script(tmp_path, tiny_data):
+    import os
+    import subprocess
+
+    cmd = [sys.executable, str(ROOT / "tools" / "sweep"), "baseline", "--lr=0.02", f"--out={tmp_path}", "--preset=cpu"]
+    cmd += ["--num_iterations=2", "--val_loss_every=0", "--micro_batches=1", "--val_tokens=512", "--checkpoint_every="]
+    cmd += [f"--checkpoint_dir={tmp_path / 'ck'}", f"--train_files={tiny_data['train_files']}"]
+    cmd += [f"--val_files={tiny_data['val_files']}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    (log,) = (tmp_path / "logs").glob("*.txt")
+    run = logs.parse_log(log).runs[-1]
+    assert run.finished and run.num_iterations == 2
+    assert log.name.startswith("sweep_baseline_muon_lr-0.02_")
+    with open(tmp_path / "sweep.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["muon_lr"] == "0.02" and float(row["final_val_loss"]) == pytest.approx(run.final_val_loss, abs=1e-6)
+    # rerun in-process: the finished point is not run again
+    never = FakeTrainer(interrupt_on_call=1)
+    points = sweep.run_sweep(sweep.parse_sweep_args(cmd[2:]), runner=never)
+    assert never.calls == [] and points[0].status == "resumed"
+    # an unknown field is refused with one line
+    with pytest.raises(SystemExit, match="no Hyperparameters field no_such_field"):
+        sweep.check_fields(BASELINE, ["muon_lr", "no_such_field"])

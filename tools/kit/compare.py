@@ -1,0 +1,167 @@
+"""Plot validation loss against step and training time for several logs or variants; print a table.
+
+Example: tools/compare baseline polar logs/my_run.txt --out analysis_out/compare.png
+
+Each argument is a log file, a folder of *.txt logs, or a variant name (its logs are found in
+--log-dir by the source embedded in them). Runs are grouped by the variant their embedded source
+matches (a log without a known source is its own group; --by-file groups by file always). Each
+group is drawn as the mean curve over its runs with a min-max band, at the validation steps all
+its runs share; times are train_time (validation excluded). The table gives each group's final
+figures over its finished runs.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import stats, variants
+from .cliutil import atomic_savefig, format_table, make_parser
+from .logs import LogError, Run, expand_log_paths, parse_log
+
+
+@dataclass
+class Curve:
+    """Mean and min/max validation loss of a group at the validation steps all its runs share.
+    steps [k], mean_loss [k], min_loss [k], max_loss [k], mean_time_s [k]."""
+
+    steps: list[int]
+    mean_loss: list[float]
+    min_loss: list[float]
+    max_loss: list[float]
+    mean_time_s: list[float]
+
+
+def group_curve(runs: list[Run]) -> Curve:
+    """Curve over the runs' common validation steps (runs: [r], each with validations)."""
+    common = set.intersection(*({v.step for v in r.validations} for r in runs)) if runs else set()
+    steps = sorted(common)
+    by_step = [{v.step: v for v in r.validations} for r in runs]
+    mean_loss, min_loss, max_loss, mean_time = [], [], [], []
+    for s in steps:
+        losses = [m[s].val_loss for m in by_step]
+        mean_loss.append(math.fsum(losses) / len(losses))
+        min_loss.append(min(losses))
+        max_loss.append(max(losses))
+        mean_time.append(math.fsum(m[s].train_time_ms for m in by_step) / len(by_step) / 1000.0)
+    return Curve(steps, mean_loss, min_loss, max_loss, mean_time)
+
+
+def resolve_inputs(items: list[str], log_dir: Path, root: Path | None = None) -> list[Path]:
+    """Arguments -> log paths; a variant name stands for the logs in log_dir with its source."""
+    known = variants.variant_scripts(root)
+    paths: list[Path] = []
+    for item in items:
+        if Path(item).exists() or item not in known:
+            paths += expand_log_paths([item])
+            continue
+        sha_of_variant = {v: k for k, v in variants.variant_shas(root).items()}.get(item)
+        found = []
+        for p in sorted(log_dir.glob("*.txt")) if log_dir.is_dir() else []:
+            try:
+                if parse_log(p).source_sha256 == sha_of_variant:
+                    found.append(p)
+            except LogError:
+                continue
+        if not found:
+            raise SystemExit(f"tools/compare: no log of variant {item} in {log_dir}; pass --log-dir or log files")
+        paths += found
+    return paths
+
+
+def group_runs(paths: list[Path], by_file: bool, root: Path | None = None) -> dict[str, list[Run]]:
+    """{group label: runs with at least one validation}, in first-seen order."""
+    shas = variants.variant_shas(root)
+    groups: dict[str, list[Run]] = {}
+    for path in paths:
+        try:
+            log = parse_log(path)
+        except LogError as err:
+            raise SystemExit(f"tools/compare: {err}") from None
+        label = path.stem if by_file else shas.get(log.source_sha256 or "", path.stem)
+        runs = [r for r in log.runs if r.validations]
+        if runs:
+            groups.setdefault(label, []).extend(runs)
+    if not groups:
+        raise SystemExit("tools/compare: none of the logs has a validation line")
+    return groups
+
+
+def summary_rows(groups: dict[str, list[Run]]) -> list[dict[str, str]]:
+    """Final figures per group over its finished runs."""
+    rows = []
+    for label, runs in groups.items():
+        done = [r for r in runs if r.finished]
+        row = {"group": label, "runs": f"{len(done)}/{len(runs)} finished", "steps": "", "final val loss": ""}
+        row.update({"min-max": "", "train time (s)": "", "step avg (ms)": ""})
+        if done:
+            s = stats.summarize([r.final_val_loss for r in done])
+            spread = "" if math.isnan(s.std) else f" ± {s.std:.5f}"
+            row["steps"] = ",".join(sorted({str(r.num_iterations) for r in done}))
+            row["final val loss"] = f"{s.mean:.5f}{spread}"
+            row["min-max"] = f"{min(r.final_val_loss for r in done):.5f}-{max(r.final_val_loss for r in done):.5f}"
+            row["train time (s)"] = f"{math.fsum(r.train_time_s for r in done) / len(done):.2f}"
+            avgs = [r.step_avg_ms for r in done if not math.isnan(r.step_avg_ms)]
+            row["step avg (ms)"] = f"{math.fsum(avgs) / len(avgs):.2f}" if avgs else ""
+        rows.append(row)
+    return rows
+
+
+def plot_groups(path: Path, curves: dict[str, Curve]) -> None:
+    """Two panels: val loss against step and against training time (s); mean line, min-max band.
+    The y axis is logarithmic and zoomed from just below the best loss to the losses at ~10% of
+    training so that the final differences stay visible."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    low, high = math.inf, -math.inf
+    for label, c in curves.items():
+        if not c.steps:
+            continue
+        for ax, xs in zip(axes, (c.steps, c.mean_time_s), strict=True):
+            (line,) = ax.plot(xs, c.mean_loss, label=label, lw=1.4, marker="o" if len(xs) == 1 else None)
+            if c.min_loss != c.max_loss:
+                ax.fill_between(xs, c.min_loss, c.max_loss, color=line.get_color(), alpha=0.2, lw=0)
+        low = min(low, min(c.min_loss))
+        early = [loss for s, loss in zip(c.steps, c.max_loss, strict=True) if s >= 0.1 * c.steps[-1]]
+        high = max(high, early[0] if early else max(c.max_loss))
+    axes[0].set_xlabel("step")
+    axes[1].set_xlabel("training time (s)")
+    axes[0].set_ylabel("validation loss")
+    if math.isfinite(low) and high > low > 0:
+        axes[0].set_yscale("log")
+        axes[0].set_ylim(low * 0.995, high * 1.02)
+        from matplotlib.ticker import FormatStrFormatter
+
+        axes[0].yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+        axes[0].yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("validation loss (mean over runs, band = min-max)")
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = make_parser("tools/compare", __doc__)
+    parser.add_argument("inputs", nargs="+", help="log files, folders of logs, or variant names")
+    parser.add_argument("--log-dir", type=Path, default=variants.REPO_ROOT / "logs", help="where variant logs are")
+    parser.add_argument("--out", type=Path, default=variants.REPO_ROOT / "analysis_out" / "compare.png", help="PNG")
+    parser.add_argument("--by-file", action="store_true", help="one group per log file instead of per variant")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        paths = resolve_inputs(args.inputs, args.log_dir)
+    except LogError as err:
+        raise SystemExit(f"tools/compare: {err}") from None
+    groups = group_runs(paths, args.by_file)
+    rows = summary_rows(groups)
+    print(format_table(rows, list(rows[0])))
+    plot_groups(args.out, {label: group_curve(runs) for label, runs in groups.items()})
+    print(f"plot: {args.out}")

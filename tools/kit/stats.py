@@ -1,0 +1,107 @@
+"""Statistics of final validation losses: summary, the public significance rule, baseline comparison.
+
+The public speedrun rule for a new record with n runs of mean final loss m:
+
+    (target - m) * sqrt(n) >= 0.004,   with the run-to-run sigma taken as 0.0013.
+
+Dividing by sigma, this is exactly the one-sided one-sample z-test (sigma known = 0.0013) of
+    H0: the true mean loss >= target   against   H1: the true mean loss < target,
+with statistic z = (target - m) * sqrt(n) / sigma, rejecting H0 when z >= 0.004 / 0.0013 = 3.0769,
+i.e. at one-sided level p = P(Z >= 3.0769) = 0.00105 (the rule's "p < 0.001" rounds this;
+strict p < 0.001 would need z >= 3.0902). `public_significance` applies the rule as written and
+reports z and that p-value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from scipy import stats as _scipy_stats
+
+PUBLIC_TARGET = 2.92
+PUBLIC_SIGMA = 0.0013
+PUBLIC_THRESHOLD = 0.004
+
+
+@dataclass
+class Summary:
+    """mean, sample standard deviation (ddof=1; nan when n < 2) and count of a list of values."""
+
+    mean: float
+    std: float
+    n: int
+
+
+@dataclass
+class Significance:
+    """The public rule applied to n losses: margin = (target - mean) * sqrt(n);
+    significant = margin >= threshold; z = margin / sigma; p_value = P(Z >= z), Z ~ N(0, 1)."""
+
+    target: float
+    mean: float
+    n: int
+    margin: float
+    threshold: float
+    significant: bool
+    z: float
+    p_value: float
+
+
+@dataclass
+class Comparison:
+    """ours - baseline: difference of means, the test used and its two-sided p-value
+    (None when no test is possible, e.g. a single run on each side)."""
+
+    diff: float
+    test: str
+    p_value: float | None
+    n_ours: int
+    n_baseline: int
+
+
+def summarize(values: list[float]) -> Summary:
+    """[n] -> Summary(mean, std with ddof=1, n). Raises ValueError on an empty list."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values to summarize")
+    mean = math.fsum(values) / n
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
+    return Summary(mean, std, n)
+
+
+def public_significance(
+    losses: list[float],
+    target: float = PUBLIC_TARGET,
+    sigma: float = PUBLIC_SIGMA,
+    threshold: float = PUBLIC_THRESHOLD,
+) -> Significance:
+    """The public record rule (module docstring) on final losses [n]."""
+    s = summarize(losses)
+    margin = (target - s.mean) * math.sqrt(s.n)
+    z = margin / sigma
+    p_value = float(_scipy_stats.norm.sf(z))
+    return Significance(target, s.mean, s.n, margin, threshold, margin >= threshold, z, p_value)
+
+
+def compare_means(ours: list[float], baseline: list[float]) -> Comparison:
+    """Difference of mean losses (ours - baseline) and its two-sided p-value.
+
+    Both sides n >= 2: Welch's t-test (unequal variances). One side a single run: one-sample t-test
+    of the other side's runs against that value (its own noise ignored). Both single: no test.
+    """
+    a, b = summarize(ours), summarize(baseline)
+    diff = a.mean - b.mean
+    if a.n >= 2 and b.n >= 2:
+        result = _scipy_stats.ttest_ind(ours, baseline, equal_var=False)
+        test = "Welch's t-test"
+    elif a.n >= 2:
+        result = _scipy_stats.ttest_1samp(ours, b.mean)
+        test = "one-sample t-test vs the baseline's single run"
+    elif b.n >= 2:
+        result = _scipy_stats.ttest_1samp(baseline, a.mean)
+        test = "one-sample t-test of the baseline runs vs our single run"
+    else:
+        return Comparison(diff, "none (one run on each side)", None, a.n, b.n)
+    p = float(result.pvalue)
+    return Comparison(diff, test, None if math.isnan(p) else p, a.n, b.n)

@@ -1,0 +1,333 @@
+"""Check a set of training logs and append them as one row of records.md, archiving the logs.
+
+Example: tools/submit_record logs/run_a.txt logs/run_b.txt logs/run_c.txt --name polar_lr06
+
+Every run in every log is parsed; all must come from one committed variant (the source embedded
+in each log is hashed and matched against speedruns/train_gpt_medium*.py) and have the same step
+count. The final validation losses give mean, std and n, the public significance rule and a
+comparison with the current baseline record: the baseline's runs archived in records/ (the latest
+baseline row with the same step count), else the public record #8 reference figures.
+The default --target is the public 2.92; CPU-preset runs need a target at their own scale (or
+--allow-insignificant, which records the row marked as not significant).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import stats, variants
+from .cliutil import atomic_write_text, make_parser
+from .logs import LogError, LogFile, expand_log_paths, parse_log
+
+# Public GPT-2 Medium record #8 (modded-nanogpt, 2025-04-22), read from its log's last lines:
+# `step:5960/5960 val_loss:2.919750 train_time:1468898ms step_avg:246.46ms`. A single run.
+PUBLIC_REFERENCE = {
+    "name": "Public record #8 (modded-nanogpt GPT-2 Medium, 2025-04-22)",
+    "date": "2025-04-22",
+    "steps": 5960,
+    "final_val_loss": 2.919750,
+    "train_time_ms": 1468898.0,
+    "step_avg_ms": 246.46,
+}
+
+TABLE_COLUMNS = [
+    "date",
+    "variant",
+    "steps",
+    "mean train time",
+    "mean val loss (n)",
+    "significance",
+    "vs baseline",
+    "logs",
+    "description",
+]
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def records_header() -> str:
+    """The text records.md starts with: explanation, public reference figures, table header."""
+    ref = PUBLIC_REFERENCE
+    return "\n".join(
+        [
+            "# Records",
+            "",
+            "One row per submitted set of runs of one variant, appended by `tools/submit_record`",
+            "(never edit rows by hand). Columns:",
+            "",
+            "- **date**: UTC date of submission. **variant**: the committed script the logs' embedded",
+            "  source matches (`baseline` = `speedruns/train_gpt_medium.py`). **steps**: training steps.",
+            "- **mean train time**: mean over runs of the final `train_time` (validation excluded).",
+            "- **mean val loss (n)**: mean ± sample std of the final validation loss over n runs.",
+            "- **significance**: the public speedrun rule (target - mean) * sqrt(n) >= 0.004 (sigma 0.0013);",
+            "  the cell shows (target - mean) * sqrt(n), the target and the one-sided p-value of the z-test",
+            "  of mean < target it amounts to (the rule's threshold is p = 0.00105, \"p < 0.001\"). Rows",
+            "  that fail it are only recorded with `--allow-insignificant` and say **no**.",
+            "- **vs baseline**: mean loss difference to the current baseline record and its p-value",
+            "  (Welch's t-test; a one-sample t-test when one side has a single run). The baseline record",
+            "  is the latest `baseline` row with the same steps, else the public reference run below.",
+            "- **logs**: the archived logs (`records/<date>_<name>/`). **description**: the one-line",
+            "  descriptions of the variant's patches (`patches/*.patch` headers).",
+            "",
+            "## Public reference run (not ours)",
+            "",
+            f"**{ref['name']}**, from its log: {ref['steps']} steps, final val loss "
+            f"{ref['final_val_loss']:.6f}, train time {ref['train_time_ms'] / 1000:.1f} s "
+            f"({ref['train_time_ms'] / 60000:.2f} min), step avg {ref['step_avg_ms']:.2f} ms, 8xH100, one run.",
+            "",
+            "## Our records",
+            "",
+            "| " + " | ".join(TABLE_COLUMNS) + " |",
+            "|" + "|".join(" --- " for _ in TABLE_COLUMNS) + "|",
+            "",
+        ]
+    )
+
+
+@dataclass
+class Submission:
+    """What the logs say: the variant, steps, final losses and times of every finished run."""
+
+    variant: str
+    steps: int
+    losses: list[float]
+    times_ms: list[float]
+    paths: list[Path]
+
+
+def _fail(message: str) -> None:
+    raise SystemExit(message)
+
+
+def collect(paths: list[Path], repo: Path) -> Submission:
+    """Parse and check the logs; SystemExit with a one-line message naming the file on a problem."""
+    shas = variants.variant_shas(repo)
+    parsed: list[tuple[Path, LogFile, str]] = []
+    seen: dict[str, Path] = {}
+    for path in paths:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest in seen:
+            _fail(f"refused: {path}: same content as {seen[digest]}; give each log once")
+        seen[digest] = path
+        try:
+            log = parse_log(path)
+        except LogError as err:
+            _fail(f"refused: {err}")
+        if log.source_sha256 is None:
+            _fail(f"refused: {path}: the log carries no source code, so its variant cannot be checked")
+        variant = shas.get(log.source_sha256)
+        if variant is None:
+            _fail(
+                f"refused: {path}: its code (sha256 {log.source_sha256[:12]}) matches no committed variant "
+                f"in {repo / 'speedruns'}; rerun with a committed script (or regenerate it with tools/apply_patch)"
+            )
+        if not log.finished_runs():
+            _fail(f"refused: {path}: no finished run (no validation line at step T/T)")
+        unfinished = len(log.runs) - len(log.finished_runs())
+        if unfinished:
+            print(f"note: {path}: {unfinished} unfinished run(s) left out", flush=True)
+        parsed.append((path, log, variant))
+    first_path, _, first_variant = parsed[0]
+    losses: list[float] = []
+    times: list[float] = []
+    steps: int | None = None
+    for path, log, variant in parsed:
+        if variant != first_variant:
+            _fail(f"refused: {path}: mixed variants: {variant} here, {first_variant} in {first_path}; one per row")
+        for run in log.finished_runs():
+            if steps is None:
+                steps = run.num_iterations
+            elif run.num_iterations != steps:
+                _fail(f"refused: {path}: a run of {run.num_iterations} steps mixed with runs of {steps} steps")
+            losses.append(run.final_val_loss)
+            times.append(run.train_time_ms)
+    return Submission(first_variant, steps, losses, times, list(paths))
+
+
+# ----------------------------------------------------------------------------- records.md table
+
+
+def _split_row(line: str) -> list[str]:
+    """'| a | b \\| c |' -> ['a', 'b | c']."""
+    inner = line.strip()
+    inner = inner[1:-1] if inner.startswith("|") and inner.endswith("|") else inner
+    return [cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", inner)]
+
+
+def read_rows(records: Path) -> list[dict[str, str]]:
+    """The table rows of records.md as {column: cell}; [] if the file does not exist."""
+    if not records.exists():
+        return []
+    rows = []
+    for line in records.read_text(encoding="utf-8").split("\n"):
+        if not line.startswith("|") or line.startswith("| date ") or set(line) <= set("|- "):
+            continue
+        cells = _split_row(line)
+        if len(cells) == len(TABLE_COLUMNS):
+            rows.append(dict(zip(TABLE_COLUMNS, cells, strict=True)))
+    return rows
+
+
+def baseline_record(records: Path, steps: int) -> tuple[str, list[float]]:
+    """(label, final losses) of the current baseline record: the runs archived for the latest
+    baseline row with `steps` steps, else the public reference run."""
+    for row in reversed(read_rows(records)):
+        if row["variant"] != variants.BASELINE or row["steps"] != str(steps):
+            continue
+        link = re.search(r"\]\(([^)]+)\)", row["logs"])
+        folder = records.parent / link.group(1) if link else None
+        if folder is None or not folder.is_dir():
+            continue
+        losses = []
+        for log_path in sorted(folder.glob("*.txt")):
+            try:
+                losses += [r.final_val_loss for r in parse_log(log_path).finished_runs()]
+            except LogError:
+                continue
+        if losses:
+            return f"baseline record {folder.name}", losses
+    return "public record #8 (single run)", [PUBLIC_REFERENCE["final_val_loss"]]
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _p_text(p: float) -> str:
+    """'= 0.0012', or '< 1e-15' where a p-value underflows double precision's useful range."""
+    return "< 1e-15" if p < 1e-15 else f"= {p:.2g}"
+
+
+def format_row(
+    date: str,
+    sub: Submission,
+    sig: stats.Significance,
+    comparison: stats.Comparison,
+    baseline_label: str,
+    link: str,
+    description: str,
+) -> str:
+    """One markdown table row for records.md."""
+    summary = stats.summarize(sub.losses)
+    spread = "" if math.isnan(summary.std) else f" ± {summary.std:.5f}"
+    mean_time_s = math.fsum(sub.times_ms) / len(sub.times_ms) / 1000.0
+    verdict = "yes" if sig.significant else "**no** (recorded with --allow-insignificant)"
+    relation = ">=" if sig.significant else "<"
+    significance = f"{verdict}: {sig.margin:.4f} {relation} {sig.threshold:g} at target {sig.target:g}"
+    significance += f" (p {_p_text(sig.p_value)})"
+    if comparison.p_value is None:
+        p_text = "no test"
+    else:
+        p_text = f"{comparison.test.split(' ')[0]} p {_p_text(comparison.p_value)}"
+    versus = f"{comparison.diff:+.5f} ({p_text}; vs {baseline_label}, n={comparison.n_baseline})"
+    cells = [
+        date,
+        sub.variant,
+        str(sub.steps),
+        f"{mean_time_s:.3f} s",
+        f"{summary.mean:.5f}{spread} (n={summary.n})",
+        significance,
+        versus,
+        f"[logs]({link})",
+        description,
+    ]
+    return "| " + " | ".join(_escape(c) for c in cells) + " |"
+
+
+def archive_logs(paths: list[Path], folder: Path) -> None:
+    """Copy the logs into `folder` (which must not exist) all at once: a temp folder then rename."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        used: set[str] = set()
+        for index, path in enumerate(paths):
+            name = path.name if path.name not in used else f"{index:02d}_{path.name}"
+            used.add(name)
+            shutil.copy2(path, tmp / name)
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def append_row(records: Path, row: str) -> None:
+    """Append a row to records.md atomically (creating the file with its header if needed)."""
+    text = records.read_text(encoding="utf-8") if records.exists() else records_header()
+    last = [line for line in text.split("\n") if line.strip()][-1]
+    if not last.startswith("|"):
+        _fail(f"refused: {records}: does not end with the records table; restore it from git")
+    atomic_write_text(records, text.rstrip("\n") + "\n" + row + "\n")
+
+
+def build_parser():
+    parser = make_parser("tools/submit_record", __doc__)
+    parser.add_argument("logs", nargs="+", help="log files (or folders of *.txt logs) of one variant")
+    parser.add_argument("--name", required=True, help="short name of this record; archive: records/<date>_<name>/")
+    parser.add_argument("--target", type=float, default=stats.PUBLIC_TARGET, help="target val loss (2.92)")
+    parser.add_argument("--allow-insignificant", action="store_true", help="record even if the rule fails")
+    parser.add_argument("--dry-run", action="store_true", help="print the row and write nothing")
+    parser.add_argument("--records", type=Path, default=variants.REPO_ROOT / "records.md", help="records file")
+    parser.add_argument("--repo", type=Path, default=variants.REPO_ROOT, help="where speedruns/ and patches/ are")
+    parser.add_argument("--date", default=None, help="date of the row, YYYY-MM-DD (default: today, UTC)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if not _NAME_RE.match(args.name):
+        _fail(f"refused: --name {args.name!r}: use letters, digits, '_', '.', '-' only")
+    date = args.date or _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d")
+    if not re.match(r"^\d{4}-\d{2}-\d{2}$", date):
+        _fail(f"refused: --date {date!r}: expected YYYY-MM-DD")
+    try:
+        paths = expand_log_paths(args.logs)
+    except LogError as err:
+        _fail(f"refused: {err}")
+    sub = collect(paths, args.repo)
+    try:
+        description = variants.variant_description(sub.variant, args.repo)
+    except variants.VariantError as err:
+        _fail(f"refused: {err}")
+    sig = stats.public_significance(sub.losses, target=args.target)
+    names = ", ".join(str(p) for p in paths)
+    if not sig.significant and not args.allow_insignificant:
+        _fail(
+            f"refused: {names}: not significant: (target {args.target:g} - mean {sig.mean:.5f}) * sqrt({sig.n}) = "
+            f"{sig.margin:.4f} < {sig.threshold:g}; add runs or pass --allow-insignificant"
+        )
+    records = args.records.resolve()
+    baseline_label, baseline_losses = baseline_record(records, sub.steps)
+    comparison = stats.compare_means(sub.losses, baseline_losses)
+    folder_name = f"{date}_{args.name}"
+    folder = records.parent / "records" / folder_name
+    row = format_row(date, sub, sig, comparison, baseline_label, f"records/{folder_name}/", description)
+    print(f"{sub.variant}: {len(sub.losses)} runs of {sub.steps} steps from {len(paths)} log(s)")
+    print(f"comparison with {baseline_label}: {comparison.test}")
+    if baseline_label.startswith("public") and sub.steps != PUBLIC_REFERENCE["steps"]:
+        print(f"note: {sub.steps} steps against the public run's {PUBLIC_REFERENCE['steps']}: only indicative")
+    if args.dry_run:
+        print(row)
+        print("dry run: nothing written")
+        return
+    if folder.exists():
+        _fail(f"refused: {folder} already exists; choose another --name")
+    archive_logs(paths, folder)
+    try:
+        append_row(records, row)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    print(row)
+    print(f"appended to {records}; logs archived in {folder}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,389 @@
+"""Run a grid of training runs of one variant over Hyperparameters fields, resumably.
+
+Example: tools/sweep baseline --lr=0.001,0.003,0.01,0.023,0.05,0.1 --preset=cpu --num_iterations=200
+
+usage: tools/sweep VARIANT --FIELD=v1,v2,... [--FIELD2=a,b] [--parallel N] [--nproc K] [--out DIR]
+                   [--dry-run] [ARGS...] [-- ARGS...]
+
+Each option whose value holds a comma is a grid axis over that Hyperparameters field (`--lr` is
+an alias for `muon_lr` and is always an axis); other `--field=value` options (and everything after
+`--`, e.g. `-- --checkpoint_every=10:100,100`) go unchanged to every run. Each grid point runs
+
+    python speedruns/train_gpt_medium[_VARIANT].py --run_id=ID --log_dir=OUT/logs ARGS --field=value
+
+(under `torchrun --standalone --nproc_per_node=K` with --nproc K > 1), from the repository root,
+with ID derived from the variant, the point, ARGS and the script's code. A point whose log holds
+a finished run (a validation at step T/T) is not run again; an interrupted one is rerun (its
+partial log is kept as ID.txt.partial). Results: OUT/sweep.csv, OUT/sweep.png (final val loss
+against each swept value) and a printed table. OUT defaults to sweeps/<variant>_<fields>.
+Set OMP_NUM_THREADS=1 when several runs share few cores (--parallel).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import importlib.util
+import io
+import itertools
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import variants
+from .cliutil import atomic_savefig, atomic_write_text, format_table
+from .logs import LogError, Run, parse_log, source_sha256
+
+ALIASES = {"lr": "muon_lr"}
+OWN_OPTIONS = {"parallel", "nproc", "out", "dry-run", "help"}
+
+
+@dataclass
+class Point:
+    """One training run to make: its id, command, log and stdout paths, and the swept values."""
+
+    run_id: str
+    cmd: list[str]
+    log_path: Path
+    stdout_path: Path
+    values: dict[str, str] = field(default_factory=dict)
+    status: str = "pending"
+    run: Run | None = None
+
+
+Runner = Callable[[list[str], Path, Path], int]
+
+
+def subprocess_runner(cmd: list[str], cwd: Path, stdout_path: Path) -> int:
+    """Run cmd in cwd with stdout and stderr to stdout_path; return its exit status."""
+    stdout_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(stdout_path, "w", encoding="utf-8") as out:
+        return subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT).returncode
+
+
+def finished_run(log_path: Path) -> Run | None:
+    """The last finished run of a log, or None (no log, unparseable, or interrupted)."""
+    if not log_path.exists():
+        return None
+    try:
+        runs = parse_log(log_path).finished_runs()
+    except LogError:
+        return None
+    return runs[-1] if runs else None
+
+
+def run_points(
+    points: list[Point], cwd: Path, parallel: int = 1, runner: Runner = subprocess_runner, dry_run: bool = False
+) -> list[Point]:
+    """Run every point whose log has no finished run (resume), `parallel` at a time, printing progress.
+    Sets each point's status ('done', 'resumed', 'failed (...)', 'dry run') and run."""
+    todo = []
+    for point in points:
+        point.run = finished_run(point.log_path)
+        if point.run is not None:
+            point.status = "resumed"
+            print(f"skip {point.run_id}: finished log {point.log_path}", flush=True)
+        else:
+            todo.append(point)
+    if dry_run:
+        for point in todo:
+            point.status = "dry run"
+            print("would run: " + " ".join(point.cmd))
+        return points
+    total = len(todo)
+
+    def work(item: tuple[int, Point]) -> None:
+        index, point = item
+        if point.log_path.exists():
+            os.replace(point.log_path, point.log_path.with_name(point.log_path.name + ".partial"))
+        print(f"[{index}/{total}] start {point.run_id}", flush=True)
+        started = time.monotonic()
+        rc = runner(point.cmd, cwd, point.stdout_path)
+        point.run = finished_run(point.log_path)
+        elapsed = time.monotonic() - started
+        if point.run is None:
+            point.status = f"failed (exit {rc}; see {point.stdout_path})"
+            print(f"[{index}/{total}] FAILED {point.run_id} after {elapsed:.0f}s: exit {rc}, see {point.stdout_path}")
+        else:
+            point.status = "done"
+            print(
+                f"[{index}/{total}] done {point.run_id} in {elapsed:.0f}s: final val loss {point.run.final_val_loss}",
+                flush=True,
+            )
+
+    if parallel <= 1:
+        for item in enumerate(todo, 1):
+            work(item)
+    else:
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            list(pool.map(work, enumerate(todo, 1)))
+    return points
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@dataclass
+class SweepSpec:
+    """A parsed sweep command line."""
+
+    variant: str
+    grid: dict[str, list[str]]
+    passthrough: list[str]
+    parallel: int = 1
+    nproc: int = 1
+    out: Path | None = None
+    dry_run: bool = False
+
+
+def _usage_error(message: str) -> None:
+    raise SystemExit(f"tools/sweep: {message}; see tools/sweep --help")
+
+
+def parse_sweep_args(argv: list[str]) -> SweepSpec:
+    """Split the command line into the variant, grid axes, own options and passthrough ARGS."""
+    variant = None
+    grid: dict[str, list[str]] = {}
+    passthrough: list[str] = []
+    own: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            passthrough += argv[i:]
+            break
+        if arg in ("-h", "--help"):
+            print(__doc__.strip())
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            if variant is not None:
+                _usage_error(f"unexpected argument {arg!r} (give one VARIANT and --field=value options)")
+            variant = arg
+            continue
+        key, sep, value = arg[2:].partition("=")
+        if key in OWN_OPTIONS:
+            if key == "dry-run":
+                own[key] = "1"
+                continue
+            if not sep:
+                if i >= len(argv):
+                    _usage_error(f"--{key} needs a value")
+                value = argv[i]
+                i += 1
+            own[key] = value
+            continue
+        if not sep:
+            _usage_error(f"write options as --field=value, not {arg!r}")
+        key = key.replace("-", "_")
+        if key in ALIASES or "," in value:
+            name = ALIASES.get(key, key)
+            values = [v for v in value.split(",") if v != ""]
+            if not values:
+                _usage_error(f"--{key} has no values")
+            if name in grid:
+                _usage_error(f"field {name} given twice")
+            grid[name] = values
+        else:
+            passthrough.append(f"--{key}={value}")
+    if variant is None:
+        _usage_error("give the VARIANT to sweep (baseline or a variant name)")
+    if not grid:
+        _usage_error("give at least one grid axis, e.g. --lr=0.01,0.02")
+    try:
+        parallel = int(own.get("parallel", "1"))
+        nproc = int(own.get("nproc", "1"))
+    except ValueError:
+        _usage_error("--parallel and --nproc take whole numbers")
+    if parallel < 1 or nproc < 1:
+        _usage_error("--parallel and --nproc must be at least 1")
+    out = Path(own["out"]) if "out" in own else None
+    return SweepSpec(variant, grid, passthrough, parallel, nproc, out, "dry-run" in own)
+
+
+def hyperparameter_fields(script: Path) -> set[str] | None:
+    """Field names of the script's Hyperparameters dataclass (importing the script runs nothing),
+    or None when it cannot be loaded."""
+    try:
+        spec = importlib.util.spec_from_file_location(f"_sweep_{script.stem}", script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return {f.name for f in dataclasses.fields(module.Hyperparameters)}
+    except Exception:
+        return None
+
+
+def check_fields(script: Path, names: list[str]) -> None:
+    """Refuse field names the script's Hyperparameters does not have (skipped if it cannot load)."""
+    known = hyperparameter_fields(script)
+    if known is None:
+        return
+    known = known | {"preset"}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"tools/sweep: {script.name} has no Hyperparameters field {', '.join(unknown)}")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
+
+
+def script_sha(script: Path) -> str:
+    """source_sha256 of the script's text ('' when it does not exist)."""
+    return source_sha256(script.read_text(encoding="utf-8")) if script.exists() else ""
+
+
+def run_id_for(prefix: str, variant: str, values: dict[str, str], passthrough: list[str], code_sha: str = "") -> str:
+    """Deterministic run id: prefix, variant, the point's field-value pairs and a hash of variant,
+    point, passthrough ARGS and the script's sha256 (so changed ARGS or code make new runs)."""
+    key = "\0".join([variant, *(f"{k}={v}" for k, v in values.items()), "--", *passthrough, code_sha])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    parts = [prefix, variant, *(f"{k}-{v}" for k, v in values.items()), digest]
+    return _slug("_".join(p for p in parts if p))
+
+
+def launch_prefix(script: Path, nproc: int) -> list[str]:
+    """python SCRIPT, or torchrun --standalone --nproc_per_node=K SCRIPT for K > 1."""
+    if nproc > 1:
+        return ["torchrun", "--standalone", f"--nproc_per_node={nproc}", str(script)]
+    return [sys.executable, str(script)]
+
+
+def make_points(spec: SweepSpec, script: Path, out: Path, prefix: str = "sweep") -> list[Point]:
+    """The grid (itertools.product of the axes, in the order given) as Points."""
+    points = []
+    fields = list(spec.grid)
+    code_sha = script_sha(script)
+    for combo in itertools.product(*(spec.grid[f] for f in fields)):
+        values = dict(zip(fields, combo, strict=True))
+        run_id = run_id_for(prefix, spec.variant, values, spec.passthrough, code_sha)
+        cmd = [
+            *launch_prefix(script, spec.nproc),
+            f"--run_id={run_id}",
+            f"--log_dir={out / 'logs'}",
+            *spec.passthrough,
+            *(f"--{k}={v}" for k, v in values.items()),
+        ]
+        points.append(Point(run_id, cmd, out / "logs" / f"{run_id}.txt", out / "stdout" / f"{run_id}.txt", values))
+    return points
+
+
+def results_table(points: list[Point], fields: list[str]) -> list[dict[str, str]]:
+    """One row per point: run_id, the swept values, status, steps, final_val_loss, train_time_s."""
+    rows = []
+    for p in points:
+        run = p.run
+        rows.append(
+            {
+                "run_id": p.run_id,
+                **{f: p.values[f] for f in fields},
+                "status": p.status,
+                "steps": "" if run is None else str(run.num_iterations),
+                "final_val_loss": "" if run is None else f"{run.final_val_loss:.6f}",
+                "train_time_s": "" if run is None else f"{run.train_time_s:.3f}",
+            }
+        )
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _as_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def plot_sweep(path: Path, points: list[Point], fields: list[str], title: str) -> bool:
+    """One panel per swept field: final val loss against its value, one line per combination of
+    the other fields. Log x axis when the values are positive numbers spanning 10x or more.
+    Returns False (and writes nothing) when no point has a result."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [p for p in points if p.run is not None and p.run.final_val_loss is not None]
+    if not done:
+        return False
+    fig, axes = plt.subplots(1, len(fields), figsize=(5 * len(fields), 4), squeeze=False, sharey=True)
+    for ax, f in zip(axes[0], fields, strict=True):
+        others = [g for g in fields if g != f]
+        groups: dict[tuple, list[Point]] = {}
+        for p in done:
+            groups.setdefault(tuple(p.values[g] for g in others), []).append(p)
+        numeric = all(_as_float(p.values[f]) is not None for p in done)
+        order = sorted({p.values[f] for p in done}, key=lambda v: _as_float(v) if numeric else v)
+        for key, members in groups.items():
+            members = sorted(members, key=lambda p: order.index(p.values[f]))
+            xs = [_as_float(p.values[f]) if numeric else order.index(p.values[f]) for p in members]
+            ys = [p.run.final_val_loss for p in members]
+            label = ", ".join(f"{g}={v}" for g, v in zip(others, key, strict=True)) or None
+            ax.plot(xs, ys, "o-", label=label)
+        if numeric:
+            values = [_as_float(v) for v in order]
+            if min(values) > 0 and max(values) >= 10 * min(values):
+                ax.set_xscale("log")
+        else:
+            ax.set_xticks(range(len(order)), order)
+        ax.set_xlabel(f)
+        ax.grid(alpha=0.3)
+        if any(key for key in groups):
+            ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("final validation loss")
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+    plt.close(fig)
+    return True
+
+
+def run_sweep(spec: SweepSpec, runner: Runner = subprocess_runner, root: Path | None = None) -> list[Point]:
+    """Run (or resume) the sweep, write OUT/sweep.csv and OUT/sweep.png, print the table."""
+    root = variants.REPO_ROOT if root is None else Path(root)
+    script = variants.script_path(spec.variant, root)
+    if runner is subprocess_runner:
+        if not script.exists():
+            known = ", ".join(variants.variant_scripts(root)) or "none"
+            raise SystemExit(f"tools/sweep: no script {script}; variants with a script: {known}")
+        names = list(spec.grid) + [a[2:].partition("=")[0] for a in spec.passthrough if a.startswith("--")]
+        check_fields(script, names)
+    fields = list(spec.grid)
+    out = (spec.out or root / "sweeps" / f"{spec.variant}_{'_'.join(fields)}").resolve()
+    points = make_points(spec, script, out)
+    print(f"sweep of {spec.variant}: {len(points)} point(s) over {', '.join(fields)}; output in {out}", flush=True)
+    run_points(points, root, spec.parallel, runner, spec.dry_run)
+    if spec.dry_run:
+        return points
+    rows = results_table(points, fields)
+    write_csv(out / "sweep.csv", rows)
+    print(format_table(rows, [*fields, "final_val_loss", "train_time_s", "status"]))
+    print(f"table: {out / 'sweep.csv'}")
+    if plot_sweep(out / "sweep.png", points, fields, f"{spec.variant}: final val loss"):
+        print(f"plot: {out / 'sweep.png'}")
+    failed = [p for p in points if p.run is None]
+    if failed:
+        print(f"{len(failed)} point(s) without a finished run; rerun the same command to retry them")
+    return points
+
+
+def main(argv: list[str] | None = None) -> None:
+    spec = parse_sweep_args(sys.argv[1:] if argv is None else argv)
+    points = run_sweep(spec)
+    if any(p.run is None for p in points) and not spec.dry_run:
+        raise SystemExit(1)
+
