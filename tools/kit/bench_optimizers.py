@@ -17,15 +17,13 @@ AdamW's 5625 (ratio 0.59); the last line says what this benchmark finds on the C
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import stats, variants
-from .cliutil import atomic_write_text, format_table, make_parser
+from .cliutil import format_table, make_parser, write_csv
 from .compare import group_curve
 from .logs import Run, Validation, steps_to_target
 from .sweep import Point, launch_prefix, run_id_for, run_points, script_sha
@@ -132,14 +130,6 @@ def answer(rows: list[dict[str, str]]) -> str:
     return f"Muon (baseline) needs {muon:.1f} steps, AdamW {adamw:.1f}: {verdict} (ratio {muon / adamw:.2f}); {full}"
 
 
-def _write_csv(path: Path, rows: list[dict[str, str]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = make_parser("tools/bench_optimizers", __doc__)
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated variant names")
@@ -190,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, run_rows = report(results, target)
     print(format_table(rows, list(rows[0])))
     if run_rows:
-        _write_csv(out / "bench_runs.csv", run_rows)
-    _write_csv(out / "bench.csv", rows)
+        write_csv(out / "bench_runs.csv", run_rows)
+    write_csv(out / "bench.csv", rows)
     print(f"csv: {out / 'bench.csv'} and {out / 'bench_runs.csv'}")
     print(answer(rows))

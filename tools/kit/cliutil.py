@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
+import csv
+import io
 from pathlib import Path
+
+from .shards import atomic_output
 
 
 class HelpFirstParser(argparse.ArgumentParser):
@@ -28,34 +30,23 @@ def make_parser(prog: str, doc: str) -> HelpFirstParser:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write text to path through a temp file in the same folder and os.replace (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as f:
+        f.write(text.encode("utf-8"))
 
 
 def atomic_savefig(fig, path: str | Path) -> None:
     """Save a matplotlib figure as PNG atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as f:
+        fig.savefig(f, dpi=120, format="png")
+
+
+def write_csv(path: str | Path, rows: list[dict[str, str]]) -> None:
+    """Write rows (dicts with the same keys) as a CSV file, atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def format_table(rows: list[dict[str, str]], columns: list[str]) -> str:

@@ -21,11 +21,9 @@ Set OMP_NUM_THREADS=1 when several runs share few cores (--parallel).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import importlib.util
-import io
 import itertools
 import os
 import re
@@ -38,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import variants
-from .cliutil import atomic_savefig, atomic_write_text, format_table
+from .cliutil import atomic_savefig, format_table, write_csv
 from .logs import LogError, Run, parse_log, source_sha256
 
 ALIASES = {"lr": "muon_lr"}
@@ -291,14 +289,6 @@ def results_table(points: list[Point], fields: list[str]) -> list[dict[str, str]
             }
         )
     return rows
-
-
-def write_csv(path: Path, rows: list[dict[str, str]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
 
 
 def _as_float(text: str) -> float | None:
