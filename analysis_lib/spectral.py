@@ -198,32 +198,47 @@ def assign_directions(cost):
     return perm
 
 
-def align_replicas(u_ref, v_ref, replicas, workers=1):
+def align_replicas(u_ref, v_ref, replicas, workers=1, reuse_stack=False):
     """SVD each replica and align its directions to the reference (mean-gradient) directions.
 
     u_ref [m, k], v_ref [n, k], replicas [R, m, n] -> dict of u [R, m, k], s [R, k], v [R, n, k]
     (replica directions reordered by assign_directions on |U_ref^T U_r| * |V_ref^T V_r|), perm [R, k]
     (replica r's original direction matched to reference i), cos_u, cos_v [R, k] (<u_ref_i, u_r_i>,
     <v_ref_i, v_r_i> after alignment). A pair (u_i, v_i) flips sign as a whole, so each replica keeps
-    its matrix; the sign makes <u_ref,u> + <v_ref,v> nonnegative. `workers` replicas at a time (one
-    batched SVD; memory: the outputs plus two groups' SVDs), the assignments of one group running in
-    threads during the SVD of the next.
+    its matrix; the sign makes <u_ref,u> + <v_ref,v> nonnegative. u and v are views of [R, k, m] and
+    [R, k, n] stores (one direction per row). With reuse_stack (the caller gives up `replicas`), the
+    longer side's vectors of replica r are written into replica r's own memory once it is decomposed,
+    so only the shorter side's [R, k, min(m, n)] is new. `workers` replicas at a time (one batched
+    SVD); the overlap products, the assignment and the reordering of one group run in threads during
+    the SVD of the next (memory: the outputs plus two groups' SVDs).
     """
     r_count, m, n = replicas.shape
     k = min(m, n)
     dev, dt = replicas.device, replicas.dtype
     new = lambda *shape: torch.empty(*shape, dtype=dt, device=dev)
-    out = {"u": new(r_count, m, k), "s": new(r_count, k), "v": new(r_count, n, k),
+    in_place = reuse_stack and replicas.is_contiguous() and r_count > 0
+    slots = None
+    if in_place:  # a fresh tensor on the stack's storage, so the stack's own tensor object can be freed
+        slots = torch.empty(0, dtype=dt, device=dev).set_(replicas.untyped_storage(), replicas.storage_offset(),
+                                                          (r_count, k * max(m, n)), (m * n, 1))
+    store_u = slots.view(r_count, k, m) if in_place and m >= n else new(r_count, k, m)
+    store_v = slots.view(r_count, k, n) if in_place and m < n else new(r_count, k, n)
+    out = {"u": store_u.mT, "s": new(r_count, k), "v": store_v.mT,
            "perm": torch.empty(r_count, k, dtype=torch.long), "cos_u": new(r_count, k), "cos_v": new(r_count, k)}
+    rows = torch.arange(k, device=dev)
 
-    def finish(r, u, s, v, a, b, future):
-        perm = torch.from_numpy(future.result())
+    def match(r, u, s, v):
+        """Overlaps, assignment and reordering of replica r, written into the outputs."""
+        a, b = u_ref.mT @ u, v_ref.mT @ v
+        neg_a, neg_b = a < 0, b < 0
+        abs_a, abs_b = a.abs_(), b.abs_()
+        perm = torch.from_numpy(assign_directions((abs_a * abs_b).double().cpu().numpy()))
         idx = perm.to(dev)
-        rows = torch.arange(k, device=dev)
-        cu, cv = a[rows, idx], b[rows, idx]
+        cu = torch.where(neg_a[rows, idx], -abs_a[rows, idx], abs_a[rows, idx])
+        cv = torch.where(neg_b[rows, idx], -abs_b[rows, idx], abs_b[rows, idx])
         sign = torch.where(cu + cv < 0, -1.0, 1.0).to(dt)
-        torch.index_select(u, 1, idx, out=out["u"][r]).mul_(sign)
-        torch.index_select(v, 1, idx, out=out["v"][r]).mul_(sign)
+        torch.index_select(u.mT, 0, idx, out=store_u[r]).mul_(sign[:, None])
+        torch.index_select(v.mT, 0, idx, out=store_v[r]).mul_(sign[:, None])
         out["s"][r] = s[idx]
         out["perm"][r] = perm
         out["cos_u"][r], out["cos_v"][r] = cu * sign, cv * sign
@@ -233,16 +248,12 @@ def align_replicas(u_ref, v_ref, replicas, workers=1):
         pending = []
         for lo in range(0, r_count, group):
             us, ss, vs = svd(replicas[lo:lo + group])
-            started = []
-            for j in range(us.shape[0]):
-                a, b = u_ref.mT @ us[j], v_ref.mT @ vs[j]
-                cost = (a.abs() * b.abs()).double().cpu().numpy()
-                started.append((lo + j, us[j], ss[j], vs[j], a, b, pool.submit(assign_directions, cost)))
-            for job in pending:
-                finish(*job)
-            pending = started
+            for job in pending:  # the slots written by the previous group's jobs are decomposed already
+                job.result()
+            pending = [pool.submit(match, lo + j, us[j], ss[j], vs[j]) for j in range(us.shape[0])]
+            del us, ss, vs
         for job in pending:
-            finish(*job)
+            job.result()
     return out
 
 
@@ -254,23 +265,25 @@ def angle_degrees(cos):
 def reverb_matrix(u, v, chunk=128):
     """Z_i[a, b] = <u_i^a, u_i^b> <v_i^a, v_i^b> with a zero diagonal, for aligned replicas.
 
-    u [R, m, k], v [R, n, k] -> Z [k, R, R]. Few replicas: one pass over each pair (a, b), reading
-    the stacks in memory order. Many: `chunk` directions at a time as a contiguous [chunk, R, m] copy,
+    u [R, m, k], v [R, n, k] -> Z [k, R, R]. Few replicas stored as [R, m, k]: one pass over each
+    pair (a, b), reading the stacks in memory order. Many, or vectors stored one direction per row
+    (as align_replicas gives them): `chunk` directions at a time as a contiguous [chunk, R, m] copy,
     so the batched products run at matmul speed.
     """
     r, _, k = u.shape
     out = torch.zeros(k, r, r, dtype=u.dtype, device=u.device)
-    if r <= 16:
+    if r <= 16 and u.is_contiguous() and v.is_contiguous():
         for a in range(r):
             for b in range(a + 1, r):
                 z = (u[a] * u[b]).sum(0) * (v[a] * v[b]).sum(0)
                 out[:, a, b] = z
                 out[:, b, a] = z
         return out
+    ut, vt = u.mT, v.mT  # [R, k, m], [R, k, n]
     for lo in range(0, k, chunk):
-        uc = u[:, :, lo:lo + chunk].permute(2, 0, 1).contiguous()
-        vc = v[:, :, lo:lo + chunk].permute(2, 0, 1).contiguous()
-        out[lo:lo + chunk] = torch.bmm(uc, uc.mT) * torch.bmm(vc, vc.mT)
+        uc = ut[:, lo:lo + chunk].transpose(0, 1).contiguous()
+        vc = vt[:, lo:lo + chunk].transpose(0, 1).contiguous()
+        torch.bmm(uc, uc.mT, out=out[lo:lo + chunk]).mul_(torch.bmm(vc, vc.mT))
     out.diagonal(dim1=1, dim2=2).zero_()
     return out
 

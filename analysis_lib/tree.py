@@ -27,6 +27,7 @@ class Node:
     kind: str  # "scalar" | "array" | "internal"
     doc: str
     default: bool = True  # part of the default request (--properties all)
+    consumes: str = ""  # an input the function may overwrite (called with reuse=True) when it reads it last
 
 
 def _pick(i):
@@ -40,8 +41,8 @@ def _as_array(x):
 def _declare():
     nodes = []
 
-    def add(name, inputs, fn, kind, doc, default=True):
-        nodes.append(Node(name, tuple(inputs), fn, kind, doc, default))
+    def add(name, inputs, fn, kind, doc, default=True, consumes=""):
+        nodes.append(Node(name, tuple(inputs), fn, kind, doc, default, consumes))
 
     # Consumers of the replica stack come first, so the stack is freed as early as possible.
     add("grad_mean", ["replicas"], lambda g: g.mean(0), "internal", "mean of the replica gradients [m, n]")
@@ -53,9 +54,10 @@ def _declare():
     add("rho", ["energies"], sp.plateau_rho, "scalar",
         "plateau: signal fraction (R ||G_mean||^2 - mean ||G_r||^2) / ((R-1) mean ||G_r||^2), clipped to [0, 1]")
     add("svd_g", ["grad_mean"], sp.svd, "internal", "SVD of the mean gradient")
-    add("aligned", ["svd_g", "replicas"], lambda ref, g: sp.align_replicas(ref[0], ref[2], g, torch.get_num_threads()),
+    add("aligned", ["svd_g", "replicas"],
+        lambda ref, g, reuse=False: sp.align_replicas(ref[0], ref[2], g, torch.get_num_threads(), reuse_stack=reuse),
         "internal", "SVD of every replica, directions matched to the mean gradient's by linear assignment on "
-        "|U^T U_r| |V^T V_r| (scipy, exact) and sign-fixed")
+        "|U^T U_r| |V^T V_r| (scipy, exact) and sign-fixed", consumes="replicas")
     add("svd_w", ["weight"], sp.svd, "internal", "SVD of the weights")
     add("svd_m", ["momentum"], sp.svd, "internal", "SVD of the momentum buffer")
 
@@ -188,7 +190,9 @@ def run(wanted, roots, on_node=None):
     """Evaluate the wanted properties for one matrix.
 
     roots: {root name: value or zero-argument loader or None (absent)}. Loaders run on first use and
-    every value (root or intermediate) is dropped as soon as no remaining node reads it.
+    every value (root or intermediate) is dropped as soon as no remaining node reads it. A root that
+    came from a loader belongs to the run: its last reader may overwrite it (Node.consumes); a root
+    given as a value is never modified.
     -> (results {name: value} for the wanted names, with nan for skipped scalars; seconds {node: s}).
     """
     available = tuple(name for name in ROOTS if roots.get(name) is not None)
@@ -198,7 +202,7 @@ def run(wanted, roots, on_node=None):
         for dep in node.inputs:
             remaining[dep] = remaining.get(dep, 0) + 1
     keep = set(wanted)
-    values, seconds = {}, {}
+    values, seconds, owned = {}, {}, set()
     for node in order:
         if on_node is not None:
             on_node(node.name)
@@ -207,9 +211,15 @@ def run(wanted, roots, on_node=None):
             if dep not in values:
                 source = roots[dep]
                 values[dep] = source() if callable(source) else source
+                if callable(source):
+                    owned.add(dep)
             args.append(values[dep])
+        kwargs = {}
+        if node.consumes:
+            dep = node.consumes
+            kwargs["reuse"] = dep in owned and remaining[dep] == node.inputs.count(dep) and dep not in keep
         start = time.perf_counter()
-        values[node.name] = node.fn(*args)
+        values[node.name] = node.fn(*args, **kwargs)
         seconds[node.name] = time.perf_counter() - start
         del args
         for dep in node.inputs:

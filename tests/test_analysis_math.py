@@ -313,3 +313,23 @@ def test_declared_tree_is_topological_and_listed():
         assert node.name in listing
     with pytest.raises(SystemExit, match="unknown properties nope"):
         tree.resolve_request("echo,nope")
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (32, 80), (80, 32)])
+def test_alignment_in_the_replica_stacks_memory_gives_the_same_result(shape):
+    """reuse_stack writes the aligned vectors over the replicas; the result must not change, and the
+    tree must leave a replica stack it was handed as a value untouched (it only reuses loaded ones)."""
+    m, n = shape
+    g = torch.Generator().manual_seed(m * n)
+    reps = torch.randn(6, m, n, generator=g) + 0.3 * torch.randn(m, 4, generator=g) @ torch.randn(4, n, generator=g)
+    u, _, v = sp.svd(reps.mean(0))
+    fresh = sp.align_replicas(u, v, reps.clone())
+    reused = sp.align_replicas(u, v, reps.clone(), reuse_stack=True)
+    for key in fresh:
+        assert torch.equal(fresh[key], reused[key]), key
+    given = reps.clone()
+    by_value, _ = tree.run(["echo", "sigma2"], {"weight": reps[0], "momentum": reps[1], "replicas": given})
+    loaded, _ = tree.run(["echo", "sigma2"], {"weight": reps[0], "momentum": reps[1], "replicas": lambda: reps.clone()})
+    assert torch.equal(given, reps)
+    assert np.array_equal(np.asarray(by_value["echo"]), np.asarray(loaded["echo"]))
+    assert by_value["sigma2"] == loaded["sigma2"]
