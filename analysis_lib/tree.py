@@ -44,25 +44,8 @@ def _declare():
     def add(name, inputs, fn, kind, doc, default=True, consumes=""):
         nodes.append(Node(name, tuple(inputs), fn, kind, doc, default, consumes))
 
-    # Consumers of the replica stack come first, so the stack is freed as early as possible.
-    add("grad_mean", ["replicas"], lambda g: g.mean(0), "internal", "mean of the replica gradients [m, n]")
-    add("grad_shape", ["replicas"], lambda g: tuple(g.shape), "internal", "(R, m, n) of the replica stack")
-    add("energies", ["replicas", "grad_mean"], sp.replica_energies, "internal",
-        "||G_r||^2 and ||G_r - G_mean||^2 of every replica, ||G_mean||^2")
-    add("sigma2", ["energies", "grad_shape"], sp.noise_variance, "scalar",
-        "per-entry gradient noise variance sum_r ||G_r - G_mean||^2 / ((R-1) m n)")
-    add("rho", ["energies"], sp.plateau_rho, "scalar",
-        "plateau: signal fraction (R ||G_mean||^2 - mean ||G_r||^2) / ((R-1) mean ||G_r||^2), clipped to [0, 1]")
-    add("svd_g", ["grad_mean"], sp.svd, "internal", "SVD of the mean gradient")
-    add("aligned", ["svd_g", "replicas"],
-        lambda ref, g, reuse=False: sp.align_replicas(ref[0], ref[2], g, torch.get_num_threads(), reuse_stack=reuse),
-        "internal", "SVD of every replica, directions matched to the mean gradient's by linear assignment on "
-        "|U^T U_r| |V^T V_r| (scipy, exact) and sign-fixed", consumes="replicas")
-    add("svd_w", ["weight"], sp.svd, "internal", "SVD of the weights")
-    add("svd_m", ["momentum"], sp.svd, "internal", "SVD of the momentum buffer")
-
-    sources = {"w": ("svd_w", "the weights"), "g": ("svd_g", "the mean gradient"), "m": ("svd_m", "the momentum")}
-    for key, (svd_name, what) in sources.items():
+    def spectrum(key, svd_name, what):
+        """The singular values of one matrix and the scalar properties of its spectrum."""
         sv = f"sv_{key}"
         add(sv, [svd_name], lambda usv: _as_array(usv[1]), "array", f"singular values of {what}, descending")
         add(f"spectral_norm_{key}", [sv], sp.spectral_norm, "scalar", f"largest singular value of {what}")
@@ -76,12 +59,22 @@ def _declare():
         add(f"top{TOP_K}_energy_{key}", [sv], lambda s: sp.top_k_energy(s, TOP_K), "scalar",
             f"fraction of sum s^2 in the top {TOP_K} singular values of {what}")
 
-    add("powerlaw_w", ["sv_w"], sp.powerlaw_alpha, "internal", "power-law fit (alpha, xmin, KS) of the weight ESD")
-    add("alpha_w", ["powerlaw_w"], _pick(0), "scalar",
-        "power-law exponent of the weight eigenvalues s^2 (MLE, xmin by KS distance; WeightWatcher alpha)")
-    add("alpha_xmin_w", ["powerlaw_w"], _pick(1), "scalar", "xmin (an eigenvalue s^2) of the power-law fit")
-    add("alpha_ks_w", ["powerlaw_w"], _pick(2), "scalar", "Kolmogorov-Smirnov distance of the power-law fit")
-
+    # Consumers of the replica stack come first, so the stack is freed as early as possible.
+    add("grad_mean", ["replicas"], lambda g: g.mean(0), "internal", "mean of the replica gradients [m, n]")
+    add("grad_shape", ["replicas"], lambda g: tuple(g.shape), "internal", "(R, m, n) of the replica stack")
+    add("energies", ["replicas", "grad_mean"], sp.replica_energies, "internal",
+        "||G_r||^2 and ||G_r - G_mean||^2 of every replica, ||G_mean||^2")
+    add("sigma2", ["energies", "grad_shape"], sp.noise_variance, "scalar",
+        "per-entry gradient noise variance sum_r ||G_r - G_mean||^2 / ((R-1) m n)")
+    add("rho", ["energies"], sp.plateau_rho, "scalar",
+        "plateau: signal fraction (R ||G_mean||^2 - mean ||G_r||^2) / ((R-1) mean ||G_r||^2), clipped to [0, 1]")
+    add("svd_g", ["grad_mean"], lambda g, reuse=False: sp.svd(g, overwrite=reuse), "internal",
+        "SVD of the mean gradient", consumes="grad_mean")
+    spectrum("g", "svd_g", "the mean gradient")
+    add("aligned", ["svd_g", "replicas"],
+        lambda ref, g, reuse=False: sp.align_replicas(ref[0], ref[2], g, reuse_stack=reuse),
+        "internal", "SVD of every replica, directions matched to the mean gradient's by linear assignment on "
+        "|U^T U_r| |V^T V_r| (scipy, exact) and sign-fixed", consumes="replicas")
     add("replica_perm", ["aligned"], lambda al: al["perm"], "array",
         "[R, k] replica direction matched to each mean-gradient direction", default=False)
     add("sv_median", ["aligned"], lambda al: _as_array(sp.median_over(al["s"], 0)), "array",
@@ -110,6 +103,18 @@ def _declare():
         "(raw units), over the directions above the noise edge sigma (sqrt(m) + sqrt(n))")
     add("kappa", ["tau2", "sigma2", "grad_shape"], lambda t, s2, shape: sp.kappa(t, s2, shape[1], shape[2]),
         "scalar", "tau^2 / (sigma^2 (sqrt(m) + sqrt(n))^2): the ratio to the Marchenko-Pastur prediction")
+
+    # The weights and the momentum come after the replicas, so their SVDs never coexist with the stores.
+    add("svd_w", ["weight"], sp.svd, "internal", "SVD of the weights")
+    add("svd_m", ["momentum"], sp.svd, "internal", "SVD of the momentum buffer")
+
+    spectrum("w", "svd_w", "the weights")
+    spectrum("m", "svd_m", "the momentum")
+    add("powerlaw_w", ["sv_w"], sp.powerlaw_alpha, "internal", "power-law fit (alpha, xmin, KS) of the weight ESD")
+    add("alpha_w", ["powerlaw_w"], _pick(0), "scalar",
+        "power-law exponent of the weight eigenvalues s^2 (MLE, xmin by KS distance; WeightWatcher alpha)")
+    add("alpha_xmin_w", ["powerlaw_w"], _pick(1), "scalar", "xmin (an eigenvalue s^2) of the power-law fit")
+    add("alpha_ks_w", ["powerlaw_w"], _pick(2), "scalar", "Kolmogorov-Smirnov distance of the power-law fit")
 
     add("subspace_align_wm", ["svd_w", "svd_m"],
         lambda w, m: 0.5 * (sp.subspace_alignment(w[0], m[0], TOP_K) + sp.subspace_alignment(w[2], m[2], TOP_K)),
@@ -190,9 +195,9 @@ def run(wanted, roots, on_node=None):
     """Evaluate the wanted properties for one matrix.
 
     roots: {root name: value or zero-argument loader or None (absent)}. Loaders run on first use and
-    every value (root or intermediate) is dropped as soon as no remaining node reads it. A root that
-    came from a loader belongs to the run: its last reader may overwrite it (Node.consumes); a root
-    given as a value is never modified.
+    every value (root or intermediate) is dropped as soon as no remaining node reads it. Intermediates
+    and roots that came from a loader belong to the run: their last reader may overwrite them
+    (Node.consumes); a root given as a value is never modified.
     -> (results {name: value} for the wanted names, with nan for skipped scalars; seconds {node: s}).
     """
     available = tuple(name for name in ROOTS if roots.get(name) is not None)
@@ -217,7 +222,8 @@ def run(wanted, roots, on_node=None):
         kwargs = {}
         if node.consumes:
             dep = node.consumes
-            kwargs["reuse"] = dep in owned and remaining[dep] == node.inputs.count(dep) and dep not in keep
+            mine = dep in owned or dep not in ROOTS
+            kwargs["reuse"] = mine and remaining[dep] == node.inputs.count(dep) and dep not in keep
         start = time.perf_counter()
         values[node.name] = node.fn(*args, **kwargs)
         seconds[node.name] = time.perf_counter() - start

@@ -108,6 +108,36 @@ def test_noise_variance_and_plateau_on_planted_noise():
     assert math.isnan(sp.plateau_rho(sp.replica_energies(torch.zeros(3, 2, 2), torch.zeros(2, 2))))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(30, 30), (20, 50), (50, 20)])
+def test_svd_agrees_with_torch_and_overwrites_only_when_asked(shape, dtype):
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=gen, dtype=dtype)
+    keep = x.clone()
+    u, s, v = sp.svd(x)
+    assert torch.equal(x, keep)  # overwrite=False leaves the input alone
+    k = min(shape)
+    assert u.shape == (shape[0], k) and s.shape == (k,) and v.shape == (shape[1], k)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    assert torch.allclose(s, torch.linalg.svdvals(keep), rtol=tol, atol=tol)
+    assert torch.all(s[:-1] >= s[1:])
+    assert torch.allclose((u * s) @ v.mT, keep, atol=tol * 10)
+    eye = torch.eye(k, dtype=dtype)
+    assert torch.allclose(u.mT @ u, eye, atol=tol) and torch.allclose(v.mT @ v, eye, atol=tol)
+    u2, s2, v2 = sp.svd(x, overwrite=True)  # same LAPACK call on the same numbers: the same factors
+    assert torch.equal(s2, s) and torch.equal(u2, u) and torch.equal(v2, v)
+    tu, ts, tv = sp.torch_svd(keep[None])  # batches take torch's path
+    assert torch.allclose(ts[0], s, rtol=tol, atol=tol)
+    assert torch.allclose((tu[0] * ts[0]) @ tv[0].mT, keep, atol=tol * 10)
+
+
+def test_svd_rejects_non_finite_input():
+    x = torch.randn(6, 4)
+    x[2, 1] = math.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        sp.svd(x)
+
+
 def test_assignment_recovers_permutation_and_signs_exactly():
     gen = torch.Generator().manual_seed(5)
     m, n, k = 20, 12, 12
@@ -129,7 +159,7 @@ def test_assignment_matches_scipy_on_noisy_overlaps():
         other = sp.svd(g)
         cost = ((ref[0].T @ other[0]).abs() * (ref[2].T @ other[2]).abs()).numpy()
         rows, cols = linear_sum_assignment(cost, maximize=True)
-        got = sp.assign_directions(cost)
+        got = sp.assign_directions(cost.copy())  # it overwrites its argument
         assert sorted(got) == list(range(40))
         assert cost[np.arange(40), got].sum() == pytest.approx(cost[rows, cols].sum(), rel=1e-12)
 
@@ -292,6 +322,28 @@ def test_runner_frees_the_replica_stack_after_its_last_consumer():
     assert alive_at["aligned"] and not alive_at["svd_w"]
     assert set(res) == set(tree.default_properties())
     assert all(name in seconds for name in tree.BY_NAME if tree.BY_NAME[name].default)
+
+
+def test_runner_frees_the_aligned_vectors_before_the_weight_svds(monkeypatch):
+    """The aligned replica vectors (one or two replica stacks) must be gone before the weights and the
+    momentum are decomposed: the peak memory of the tree depends on it."""
+    refs = []
+    real = sp.align_replicas
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        refs.extend([weakref.ref(out["u"]), weakref.ref(out["v"])])
+        return out
+
+    monkeypatch.setattr(sp, "align_replicas", recording)
+    gen = torch.Generator().manual_seed(1)
+    alive_at = {}
+    tree.run(tree.default_properties(), {"weight": torch.randn(6, 5, generator=gen),
+                                         "momentum": torch.randn(6, 5, generator=gen),
+                                         "replicas": lambda: torch.randn(4, 6, 5, generator=gen)},
+             lambda name: alive_at.setdefault(name, [r() is not None for r in refs]))
+    assert alive_at["reverb"] == [True, True]
+    assert alive_at["svd_w"] == [False, False] and alive_at["svd_m"] == [False, False]
 
 
 def test_runner_skips_what_an_absent_root_feeds():
