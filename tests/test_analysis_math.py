@@ -385,3 +385,17 @@ def test_alignment_in_the_replica_stacks_memory_gives_the_same_result(shape):
     assert torch.equal(given, reps)
     assert np.array_equal(np.asarray(by_value["echo"]), np.asarray(loaded["echo"]))
     assert by_value["sigma2"] == loaded["sigma2"]
+
+
+def test_alignment_in_parallel_threads_equals_one_thread():
+    """Replicas decomposed one per thread give the same bits as one after another, and torch's thread
+    count is left as it was."""
+    g = torch.Generator().manual_seed(3)
+    reps = torch.randn(5, 40, 56, generator=g) + 0.5 * torch.randn(40, 3, generator=g) @ torch.randn(3, 56, generator=g)
+    u, _, v = sp.svd(reps.mean(0))
+    serial = sp.align_replicas(u, v, reps.clone(), reuse_stack=True)
+    torch.set_num_threads(3)  # the autouse fixture restores the original count afterwards
+    parallel = sp.align_replicas(u, v, reps.clone(), reuse_stack=True)
+    assert torch.get_num_threads() == 3
+    for key in serial:
+        assert torch.equal(serial[key], parallel[key]), key

@@ -7,13 +7,14 @@ are made; then, side by side in one process and in alternation, --repeats times 
   bare  the bare batched SVDs the tree needs, with torch: torch.linalg.svd of the [R, m, n] stack and
         of W, M and the mean gradient (wide matrices as their transpose, the fast orientation);
   own   the same R + 3 SVDs with the tree's own routine (analysis_lib.spectral.svd: LAPACK gesdd
-        through scipy, in the matrix's own memory), one after another;
+        from scipy, in the matrix's own memory), replicas one per thread as the tree does them;
   tree  the whole tree: every default property, the replica stack handed over (gradients given).
 Columns: wall seconds of each; tree/bare (the target: within 1.25x) and tree/own (what everything
 but the SVDs costs); the CPU seconds ratio tree/bare (all threads); peak memory as the resident set
-size sampled every 2 ms above what was resident when the run began, in MiB and in replica stacks
-(R m n fp32 values; the stack itself is an input, resident before the run: add 1 for the total the
-tree holds). Gradient computation is not part of any. Prints one table; nothing is written.
+size (the kernel's high-water mark, reset before each run) above what was resident when the run
+began, in MiB and in replica stacks (R m n fp32 values; the stack itself is an input, resident
+before the run: add 1 for the total the tree holds). Gradient computation is not part of any.
+Prints one table; nothing is written.
 """
 
 from __future__ import annotations
@@ -54,14 +55,42 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * PAGE
 
 
+def high_water_bytes():
+    """The kernel's peak resident set size of this process since the last reset (VmHWM), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_high_water():
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs). -> whether it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return high_water_bytes() is not None
+    except OSError:
+        return False
+
+
 class PeakRss:
-    """Samples the resident set size in a thread; .extra is the peak above the size at entry (bytes)."""
+    """Peak resident set size inside the block; .extra is the peak above the size at entry (bytes).
+
+    Exact where the kernel's high-water mark can be reset (Linux). Elsewhere a thread samples the RSS
+    every 2 ms, which misses peaks inside calls that hold the GIL (scipy's LAPACK wrappers do).
+    """
 
     def __enter__(self):
+        self.kernel = reset_high_water()
         self.start = self.peak = rss_bytes()
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
+        self.running = not self.kernel
+        if self.running:
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
         return self
 
     def _sample(self):
@@ -70,9 +99,10 @@ class PeakRss:
             time.sleep(0.002)
 
     def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, rss_bytes())
+        if self.running:
+            self.running = False
+            self.thread.join()
+        self.peak = max(self.peak, rss_bytes(), (high_water_bytes() or 0) if self.kernel else 0)
         self.extra = self.peak - self.start
 
 
@@ -102,12 +132,11 @@ def bare_svds(w, mom, holder, device):
 
 
 def own_svds(w, mom, holder, device):
-    """The same SVDs with the tree's routine, each replica in its own memory (the stack is destroyed)."""
+    """The same SVDs with the tree's routine and threading: the replicas in their own memory (the stack
+    is destroyed), one per thread; then W, M and the mean gradient."""
     g = holder[0]
+    sp.each_in_threads(g.shape[0], lambda r: sp.svd(g[r], overwrite=True))
     outs = [sp.svd(w), sp.svd(mom), sp.svd(g.mean(0), overwrite=True)]
-    for r in range(g.shape[0]):
-        outs.append(sp.svd(g[r], overwrite=True))
-        del outs[-1]
     sync(device)
     return outs
 
