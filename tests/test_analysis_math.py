@@ -126,6 +126,10 @@ def test_svd_agrees_with_torch_and_overwrites_only_when_asked(shape, dtype):
     assert torch.allclose(u.mT @ u, eye, atol=tol) and torch.allclose(v.mT @ v, eye, atol=tol)
     u2, s2, v2 = sp.svd(x, overwrite=True)  # same LAPACK call on the same numbers: the same factors
     assert torch.equal(s2, s) and torch.equal(u2, u) and torch.equal(v2, v)
+    k_long = torch.full((k, max(shape)), math.nan, dtype=dtype)
+    u3, s3, v3 = sp.svd(keep.clone(), overwrite=True, long_into=k_long)  # longer side straight into a buffer
+    assert torch.equal(s3, s) and torch.equal(u3, u) and torch.equal(v3, v)
+    assert torch.equal(k_long, (v if shape[0] <= shape[1] else u).mT)
     tu, ts, tv = sp.torch_svd(keep[None])  # batches take torch's path
     assert torch.allclose(ts[0], s, rtol=tol, atol=tol)
     assert torch.allclose((tu[0] * ts[0]) @ tv[0].mT, keep, atol=tol * 10)
