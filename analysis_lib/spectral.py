@@ -324,7 +324,7 @@ def assign_directions(cost):
     return linear_sum_assignment(np.negative(cost, dtype=np.float64))[1].astype(np.int64)
 
 
-def align_replicas(u_ref, v_ref, replicas, reuse_stack=False):
+def align_replicas(u_ref, v_ref, replicas, reuse_stack=False, batched=None):
     """SVD each replica and align its directions to the reference (mean-gradient) directions.
 
     u_ref [m, k], v_ref [n, k], replicas [R, m, n] -> dict of u [R, m, k], s [R, k], v [R, n, k]
@@ -339,7 +339,7 @@ def align_replicas(u_ref, v_ref, replicas, reuse_stack=False):
     side's [R, k, min(m, n)] store is new; the working set of one replica is its SVD's outputs, then
     two [k, k] overlap matrices and the float64 assignment problem. On the CPU, as many replicas at
     a time as torch has threads, one thread each (the working set is per replica in flight); on a
-    GPU, batched groups of 8.
+    GPU (or with batched=True), batched groups of 8 through torch_svd.
     """
     r_count, m, n = replicas.shape
     k = min(m, n)
@@ -379,7 +379,7 @@ def align_replicas(u_ref, v_ref, replicas, reuse_stack=False):
                 store.copy_(vectors)
         out["s"][r] = s
 
-    if dev.type != "cpu":  # batched groups of 8; then match one by one
+    if batched or (batched is None and dev.type != "cpu"):  # groups of 8; then match one by one
         for lo in range(0, r_count, 8):
             us, ss, vs = svd(replicas[lo:lo + 8])
             for j in range(us.shape[0]):

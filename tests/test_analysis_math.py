@@ -403,3 +403,25 @@ def test_alignment_in_parallel_threads_equals_one_thread():
     assert torch.get_num_threads() == 3
     for key in serial:
         assert torch.equal(serial[key], parallel[key]), key
+
+
+@pytest.mark.parametrize("shape", [(36, 36), (24, 60), (60, 24)])
+def test_batched_alignment_path_agrees_with_the_lapack_path(shape):
+    """The GPU path (torch's batched SVD in groups of 8, then the same matching), run on the CPU: the
+    same alignment as the per-replica LAPACK path, up to rounding, in place or not."""
+    m, n = shape
+    g = torch.Generator().manual_seed(m + 2 * n)
+    u_true, v_true = orthonormal(m, 4, g).float(), orthonormal(n, 4, g).float()
+    signal = u_true @ torch.diag(torch.tensor([40.0, 30.0, 20.0, 12.0])) @ v_true.T
+    reps = signal + torch.randn(11, m, n, generator=g)  # 11: a full group of 8 and a partial one
+    u, _, v = sp.svd(reps.mean(0))
+    lapack = sp.align_replicas(u, v, reps.clone(), reuse_stack=True)
+    for reuse in (False, True):
+        batched = sp.align_replicas(u, v, reps.clone(), reuse_stack=reuse, batched=True)
+        assert torch.equal(batched["perm"][:, :4], lapack["perm"][:, :4])
+        for key in ("s", "cos_u", "cos_v"):
+            assert torch.allclose(batched[key][:, :4], lapack[key][:, :4], atol=1e-4), key
+        assert torch.allclose(batched["u"][:, :, :4], lapack["u"][:, :, :4], atol=1e-3)
+        assert torch.allclose(batched["v"][:, :, :4], lapack["v"][:, :, :4], atol=1e-3)
+        z_batched, z_lapack = sp.reverb_matrix(batched["u"], batched["v"]), sp.reverb_matrix(lapack["u"], lapack["v"])
+        assert torch.allclose(z_batched[:4], z_lapack[:4], atol=1e-3)
