@@ -13,27 +13,25 @@ import json
 import math
 import os
 import re
-import tempfile
 
 import numpy as np
 import torch
+from kit.shards import atomic_output  # tools/ is put on the path by analysis_lib/__init__.py
 
 ID_COLUMNS = ["step", "param", "kind", "layer", "rows", "cols"]
 
 
 def atomic_write(path, write, binary=True):
-    """Call write(fileobj) on a temp file next to `path`, then rename it over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Call write(fileobj) on a temp file next to `path`, then rename it over `path` (kit.shards's
+    atomic_output: fsynced, removed on error). binary=False hands write a text file (newline="")."""
+    with atomic_output(path) as raw:
+        if binary:
+            write(raw)
+            return
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        write(text)
+        text.flush()
+        text.detach()  # leave the binary file to atomic_output, which closes it
 
 
 def stem(step):
