@@ -72,13 +72,18 @@ def test_end_to_end_table_plots_and_render(checkpoints, tmp_path, capsys):
     corrupt.write_bytes(b"not a checkpoint at all")
     foreign = tmp_path / "foreign.pt"
     torch.save({"format": "someone-else/2", "model": {}}, foreign)
-    with pytest.raises(SystemExit, match="3 of 5 checkpoints could not be analysed"):
-        run_cli(checkpoints[0], tmp_path / "missing.pt", corrupt, foreign, checkpoints[1], "--replicas=3", "--out", out)
+    truncated = tmp_path / "truncated.pt"  # a real checkpoint cut short (checkpoints are memory-mapped)
+    whole = Path(checkpoints[0]).read_bytes()
+    truncated.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(SystemExit, match="4 of 6 checkpoints could not be analysed"):
+        run_cli(checkpoints[0], tmp_path / "missing.pt", corrupt, foreign, truncated, checkpoints[1], "--replicas=3",
+                "--out", out)
     err_lines = capsys.readouterr().err.strip().splitlines()
-    assert len(err_lines) == 3 and all(line.startswith("error: ") for line in err_lines)
+    assert len(err_lines) == 4 and all(line.startswith("error: ") for line in err_lines)
     assert "missing.pt: no such file" in err_lines[0]
     assert "corrupt.pt: unreadable" in err_lines[1]
     assert "not a gpt-medium-ckpt/1 checkpoint" in err_lines[2]
+    assert "truncated.pt: unreadable" in err_lines[3]
 
     run = out / "tiny"
     scalar_names = [n for n in tree.default_properties() if tree.BY_NAME[n].kind == "scalar"]
