@@ -10,7 +10,6 @@ patches/variants.toml in memory and lists each one that drifted or no longer app
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
@@ -19,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from kit import variants
+from kit.cliutil import make_parser
 from kit.shards import atomic_output
 
 ROOT_ENV = "MUON_KIT_ROOT"
@@ -265,11 +265,14 @@ def write_variant(root: Path, variant: str, patches: list[str], text: str) -> Pa
     return path
 
 
+def add_root_option(parser):
+    """The --root option that every patch tool takes (see repo_root)."""
+    parser.add_argument("--root", help=f"repository root (default: ${ROOT_ENV} or the checkout holding tools/)")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="tools/apply_patch",
-        description=__doc__.strip() + "\n\nexample: tools/apply_patch polar normuon --as polar_normuon",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser("tools/apply_patch",
+                    __doc__.strip() + "\n\nexample: tools/apply_patch polar normuon --as polar_normuon")
     p.add_argument("names", nargs="*", metavar="NAME", help="patches/NAME.patch to apply, in order")
     p.add_argument("--as", dest="variant", metavar="VARIANT",
                    help="variant name (default: the patch names joined by '_')")
@@ -277,7 +280,7 @@ def parse_args(argv):
                    help="regenerate every variant in patches/variants.toml in memory; exit 1 listing drift")
     p.add_argument("--all", action="store_true", help="regenerate every variant in patches/variants.toml")
     p.add_argument("--no-record", action="store_true", help="do not add the variant to patches/variants.toml")
-    p.add_argument("--root", help=f"repository root (default: ${ROOT_ENV} or the checkout holding tools/)")
+    add_root_option(p)
     return p.parse_args(argv)
 
 

@@ -12,7 +12,6 @@ singular values and the time per call at the shipped 5 iterations) and writes on
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import statistics
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from kit import apply_patch as ap
+from kit.cliutil import make_parser
 
 POLAR_STEADY = (1.875, -1.25, 0.375)  # Polar Express's converged tuple, used past its five designed steps
 CLASSIC = (1.5, -0.5)
@@ -169,11 +169,8 @@ def triton_rows(root: Path, repeat: int) -> list[str]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="tools/bench_msign",
-        description=__doc__.strip() + "\n\nexample: tools/bench_msign --checkpoint "
-                    "checkpoints/RUN/step_000100.pt --size 1024x4096",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser("tools/bench_msign", __doc__.strip() + "\n\nexample: tools/bench_msign --checkpoint "
+                    "checkpoints/RUN/step_000100.pt --size 1024x4096")
     p.add_argument("--checkpoint", help="CPU-preset checkpoint whose Muon momentum gives matrix (c); "
                                         "without it (c) is skipped")
     p.add_argument("--matrix", help="momentum buffer of the checkpoint, NAME or NAME:INDEX for a stack "
@@ -184,7 +181,7 @@ def parse_args(argv):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the calls are timed (default: cuda when available)")
     p.add_argument("--out", default="bench_out/msign.png", help="plot path (default bench_out/msign.png)")
-    p.add_argument("--root", help=f"repository root (default: ${ap.ROOT_ENV} or the checkout holding tools/)")
+    ap.add_root_option(p)
     return p.parse_args(argv)
 
 

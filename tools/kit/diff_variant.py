@@ -7,12 +7,12 @@ The Hyperparameters defaults are read with `ast` from the dataclass source; noth
 
 from __future__ import annotations
 
-import argparse
 import ast
 import sys
 
 from kit import apply_patch as ap
 from kit.apply_patch import strip_header
+from kit.cliutil import make_parser
 from kit.make_patch import unified_diff
 
 COLORS = {"+": "\033[32m", "-": "\033[31m", "@": "\033[36m"}
@@ -69,15 +69,13 @@ def colorize(diff: str) -> str:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="tools/diff_variant",
-        description=__doc__.strip() + "\n\nexample: tools/diff_variant polar_normuon --against polar",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser("tools/diff_variant",
+                    __doc__.strip() + "\n\nexample: tools/diff_variant polar_normuon --against polar")
     p.add_argument("variant", help="variant name, 'baseline', or a script path")
     p.add_argument("--against", default="baseline", help="what to compare with (default: baseline)")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                    help="color the diff (default: when stdout is a terminal)")
-    p.add_argument("--root", help=f"repository root (default: ${ap.ROOT_ENV} or the checkout holding tools/)")
+    ap.add_root_option(p)
     return p.parse_args(argv)
 
 

@@ -14,13 +14,13 @@ script under it to speedruns/train_gpt_medium_myvariant.py, edit that, then `too
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 from kit import apply_patch as ap
 from kit.apply_patch import PatchError, build, render, run_git, strip_header, write_variant
+from kit.cliutil import make_parser
 
 CONTEXTS = (3, 2, 1)
 HEADER_TEMPLATE = (
@@ -48,14 +48,11 @@ def unified_diff(old: str, new: str, context: int = 3) -> str:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="tools/make_patch",
-        description=__doc__.strip() + "\n\nexample: tools/make_patch polar_normuon --onto-stack",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser("tools/make_patch", __doc__.strip() + "\n\nexample: tools/make_patch polar_normuon --onto-stack")
     p.add_argument("variant", help="a variant recorded in patches/variants.toml")
     p.add_argument("--onto-stack", action="store_true",
                    help="diff against the variant's stack minus its last patch and rewrite that last patch")
-    p.add_argument("--root", help=f"repository root (default: ${ap.ROOT_ENV} or the checkout holding tools/)")
+    ap.add_root_option(p)
     return p.parse_args(argv)
 
 
