@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import glob
 import hashlib
+import json
 import math
 import os
 import platform
@@ -594,7 +595,7 @@ def model_from_checkpoint(ckpt):
 # Training
 
 
-def environment_lines(device, world_size, run_id):
+def environment_lines(device, world_size, run_id, args):
     lines = [f"Running Python {sys.version}", f"Running PyTorch {torch.__version__}"]
     if device.type == "cuda":
         try:
@@ -604,6 +605,7 @@ def environment_lines(device, world_size, run_id):
     else:
         lines.append(f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     lines.append(f"variant:{variant_name()} world_size:{world_size} run_id:{run_id}")
+    lines.append("hyperparameters:" + json.dumps(dataclasses.asdict(args)))  # the effective settings
     return lines
 
 
@@ -754,7 +756,7 @@ def main(argv=None):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text(script_source().rstrip("\n") + "\n" + "=" * 100 + "\n")
     log = Logger(log_path, rank == 0)
-    for line in environment_lines(device, world_size, run_id):
+    for line in environment_lines(device, world_size, run_id, args):
         log(line, echo=False)
     log("=" * 100, echo=False)
     if rank == 0:
