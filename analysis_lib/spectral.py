@@ -434,15 +434,43 @@ def reverb_matrix(u, v, chunk=128):
 
 
 def echo_per_pivot(z):
-    """Echo estimate of each direction seen from each pivot replica a.
+    """Echo of each direction seen from each pivot replica a, with no finite-R scale (any R >= 3).
 
-    s_i = ((Z_i Z_i) * Z_i^T) 1 / ||Z_i||_F^2 (elementwise product, row sums), zeta = sqrt(max(s, 0)).
-    z [k, R, R] -> [k, R]; a direction with Z_i = 0 gets 0.
+    z [k, R, R] (reverb matrices: symmetric, zero diagonal) -> [k, R] (z's dtype):
+        num_a = sum_{b, c} Z_ab Z_bc Z_ca = (Z^3)_aa = row sums of (Z Z) * Z^T
+        den_a = ||Z||_F^2 - 2 sum_b Z_ab^2          (the squares of the entries off row and column a)
+        zeta_a = sqrt(max(num_a / den_a, 0)),       0 where den_a = 0 (e.g. Z = 0).
+
+    Why: the reverb entries estimate products of per-replica echoes, E Z_ab ~ z_a z_b (a != b). The
+    three entries of a triangle a, b, c give z_a^2 exactly as Z_ab Z_ac / Z_bc, and weighting each
+    triangle by Z_bc^2 turns the mean of these ratios into one ratio of sums over the ordered pairs
+    (b, c) of distinct replicas other than a:
+        sum Z_ab Z_bc Z_ca / sum Z_bc^2 = z_a^2 sum z_b^2 z_c^2 / sum z_b^2 z_c^2 = z_a^2,
+    for any z. The numerator is (Z^3)_aa (the zero diagonal drops b = a, c = a and b = c by itself);
+    the denominator is ||Z||_F^2 minus row a and column a. The earlier estimator divided by the
+    whole ||Z||_F^2 = S2^2 - S4 (S2 = sum z^2, S4 = sum z^4) while its numerator is
+    z_a^2 sum_{b != a} z_b^2 (S2 - z_a^2 - z_b^2): equal echoes c then read c sqrt((R - 2) / R)
+    (0.87 c at R = 8) and unequal ones something between. Multiplying that by sqrt(R / (R - 2))
+    is exact only for equal echoes; on planted data the two agree when the replicas' echoes are equal
+    and this one is 3x closer per pivot when they are not (RMS error 0.011 against 0.037 at R = 8,
+    128x256, 12 directions, replica noise from 0.4 to 2). With noisy entries it is a ratio of sums,
+    so not exactly unbiased; measured against the planted truth its mean error stays within 0.002 at
+    R = 8 (tests/test_analysis_math.py). At least 3 replicas are needed (with 2 only the product
+    z_1 z_2 is seen): ValueError.
     """
-    num = ((z @ z) * z.mT).sum(-1)
-    den = (z**2).sum((-1, -2))
-    ratio = torch.where(den[:, None] > 0, num / den.clamp_min(torch.finfo(z.dtype).tiny)[:, None], 0.0)
-    return torch.sqrt(ratio.clamp_min(0.0))
+    r = z.shape[-1]
+    if r < 3:
+        raise ValueError(f"the echo needs at least 3 replicas (got {r}): two only show the product of their echoes")
+    num = ((z @ z) * z.mT).sum(-1).double()
+    sq = z.double() ** 2  # fp64: the difference below cancels when row a dominates
+    den = sq.sum((-1, -2))[:, None] - 2 * sq.sum(-1)
+    ratio = torch.where(den > 0, num / den.clamp_min(1e-300), 0.0)
+    return torch.sqrt(ratio.clamp_min(0.0)).to(z.dtype)
+
+
+def echo_estimate(z):
+    """The echo of each direction: the median over pivots of echo_per_pivot. z [k, R, R] -> [k]."""
+    return median_over(echo_per_pivot(z), 1)
 
 
 def median_over(x, dim):

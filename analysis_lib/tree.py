@@ -93,9 +93,10 @@ def _declare():
     add("reverb_matrix", ["reverb"], _as_array, "array", "[k, R, R] the reverb matrices (large)", default=False)
     add("echo_pivots", ["reverb"], lambda z: _as_array(sp.echo_per_pivot(z)), "array",
         "[k, R] echo of each direction seen from each pivot replica", default=False)
-    add("echo", ["reverb"], lambda z: _as_array(sp.median_over(sp.echo_per_pivot(z), 1)), "array",
-        "echo zeta of each mean-gradient direction: median over pivots of sqrt(max(s_i, 0)) (as estimated, "
-        "R replicas of equal echo c read as c sqrt((R-2)/R): 0.87c at R = 8, 0.98c at R = 64)")
+    add("echo", ["reverb"], lambda z: _as_array(sp.echo_estimate(z)), "array",
+        "echo zeta of each mean-gradient direction: median over pivots a of sqrt((Z^3)_aa / (||Z||_F^2 - "
+        "2 ||Z_a||^2)): unbiased at any R >= 3 (Z_ab estimates the product of two replicas' echoes z_a z_b, and "
+        "z_a^2 = Z_ab Z_ac / Z_bc on every triangle a, b, c)")
     add("trusted_directions", ["echo"], lambda e: int((e > TRUST_ECHO).sum()), "scalar",
         f"number of directions with echo above {TRUST_ECHO}")
     add("tau2", ["sv_median", "echo", "sigma2", "grad_shape"],
