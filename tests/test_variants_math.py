@@ -39,9 +39,18 @@ def test_ns_original_is_five_steps_of_the_original_quintic(scripts):
     torch.testing.assert_close(tall, X.mT, rtol=1e-5, atol=1e-5)
 
 
+def well_conditioned(*shape, seed):
+    """A planted fp64 matrix (or stack) with singular values in [0.5, 2]: its U V^T is stable in fp32."""
+    *batch, m, n = shape
+    spectrum = torch.linspace(0.5, 2.0, min(m, n))
+    if not batch:
+        return planted(spectrum, m, n, seed=seed)[0]
+    return torch.stack([planted(spectrum, m, n, seed=seed + i)[0] for i in range(batch[0])])
+
+
 @pytest.mark.parametrize("shape", [(64, 64), (48, 96), (96, 48), (4, 32, 32)])
 def test_svd_is_exact_polar_factor(scripts, shape):
-    G = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    G = well_conditioned(*shape, seed=3).float()
     O = scripts["svd"].orthogonalize(G)
     assert O.dtype == torch.float32 and O.shape == G.shape
     assert rel_err(O, msign(G)) < 1e-5
@@ -51,40 +60,72 @@ def test_svd_is_exact_polar_factor(scripts, shape):
 
 
 def test_svd_keeps_zero_momentum_zero(scripts):
-    G = torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(9))
+    G = well_conditioned(4, 16, 16, seed=9).float()
     G[:3] = 0.0  # step 1: q, k, v get no gradient while o is zero-initialized
     O = scripts["svd"].orthogonalize(G)
     assert torch.equal(O[:3], torch.zeros(3, 16, 16))
     assert rel_err(O[3], msign(G[3])) < 1e-5
 
 
+def unit_spectrum(kept: tuple[float, float], dropped: tuple[float, float], k: int) -> torch.Tensor:
+    """k // 2 singular values log-spaced over each of two ranges, scaled to unit Frobenius norm (fp64)."""
+    half = k // 2
+    s = torch.cat([torch.logspace(*torch.tensor(kept).log10(), half, dtype=torch.float64),
+                   torch.logspace(*torch.tensor(dropped).log10(), k - half, dtype=torch.float64)])
+    return s / s.norm()
+
+
+CUTOFF = 1e-3
+
+
+def cutoff_spectra(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(near, wide): k unit-norm singular values, half above CUTOFF and half below.
+
+    fp32 SVD resolves a singular value to ~1e-7 of the norm and a singular subspace to ~1e-7 / (its gap),
+    so `near` keeps every value > 2.5x away from the cutoff (which values survive is then certain), and
+    `wide` has a gap of > 40x on each side (which directions survive is then certain to fp32 precision).
+    """
+    near = unit_spectrum((1e-2, 1.0), (1e-6, 4e-4), k)
+    wide = unit_spectrum((1e-1, 1.0), (1e-7, 1e-5), k)
+    for sv, margin in ((near, 2.5), (wide, 40)):
+        ratio = sv / CUTOFF
+        assert bool(((ratio > margin) | (ratio < 1 / margin)).all()) and int((ratio > 1).sum()) == k // 2
+    return near, wide
+
+
 def test_cutoff_singular_values_are_zero_or_one(scripts):
-    sv = torch.logspace(-6, 0, 48)
-    G, _ = planted(sv, 48, 80, seed=4)
-    O = scripts["cutoff"].orthogonalize(G.float())
-    s = torch.linalg.svdvals(O.double())
-    ones = (s - 1).abs() < 1e-5
-    zeros = s.abs() < 1e-5
-    assert bool((ones | zeros).all()), s
-    # exactly the directions above 1e-3 of the Frobenius-normalized matrix survive
-    assert int(ones.sum()) == int((sv / sv.norm() > 1e-3).sum())
+    assert scripts["cutoff"].CUTOFF_THRESHOLD == CUTOFF
+    near, wide = cutoff_spectra(48)
+    for sv in (near, 7.0 * near):  # the threshold applies to G / ||G||_F, not to G
+        G, _ = planted(sv, 48, 80, seed=4)
+        O = scripts["cutoff"].orthogonalize(G.float())
+        s = torch.linalg.svdvals(O.double())
+        ones = (s - 1).abs() < 1e-5
+        zeros = s.abs() < 1e-5
+        assert bool((ones | zeros).all()), s
+        # exactly the directions above CUTOFF of the Frobenius-normalized matrix survive
+        assert int(ones.sum()) == int((sv / sv.norm() > CUTOFF).sum()) == 24
     # the survivors are those directions: O equals U_kept V_kept^T
+    G, _ = planted(wide, 48, 80, seed=5)
+    O = scripts["cutoff"].orthogonalize(G.float())
     U, S, Vh = torch.linalg.svd(G / G.norm(), full_matrices=False)
-    keep = S > 1e-3
+    keep = S > CUTOFF
     torch.testing.assert_close(O.double(), U[:, keep] @ Vh[keep], atol=1e-5, rtol=0)
 
 
 def test_cutoff_handles_stacked_attention_weights(scripts):
-    sv = torch.logspace(-5, 0, 32)
-    mats = [planted(sv, 32, 32, seed=10 + i)[0] for i in range(4)]
+    near, wide = cutoff_spectra(32)
+    mats = [planted(wide if i % 2 else near, 32, 32, seed=10 + i)[0] for i in range(4)]
     scales = torch.tensor([1.0, 1e3, 1e-3, 7.0], dtype=torch.float64)
     stacked = torch.stack([s * M for s, M in zip(scales, mats, strict=True)]).float()  # [4, d, d] like qkvo_w
     O = scripts["cutoff"].orthogonalize(stacked)
     assert O.shape == (4, 32, 32)
     for i in range(4):  # each matrix is normalized and cut on its own: the scale does not matter
-        torch.testing.assert_close(O[i], scripts["cutoff"].orthogonalize(mats[i].float()), atol=1e-5, rtol=0)
         s = torch.linalg.svdvals(O[i].double())
-        assert int(((s - 1).abs() < 1e-5).sum()) == int((sv / sv.norm() > 1e-3).sum())
+        assert int(((s - 1).abs() < 1e-5).sum()) == 16 and int((s.abs() < 1e-5).sum()) == 16
+        if i % 2:  # with a wide gap the kept directions are resolved to fp32 precision
+            alone = scripts["cutoff"].orthogonalize(mats[i].float())
+            torch.testing.assert_close(O[i], alone, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40), (4, 16, 16)])
