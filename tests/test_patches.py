@@ -1,5 +1,6 @@
 """tools/apply_patch, tools/make_patch and tools/diff_variant, on the real patches and on a scratch copy."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -184,3 +185,129 @@ def test_hyperparameter_table_uses_ast_not_import():
           "    beta: float = 0.9\n"
     rows = changed_defaults(hyperparameter_defaults(old), hyperparameter_defaults(new))
     assert rows == [("steps", "10", "12"), ("beta", "(absent)", "0.9")]
+
+
+# ---------------------------------------------------------------- issue 9: overwrites, --as "", canonical patches
+
+
+def test_as_refuses_to_overwrite_a_script_the_manifest_does_not_list(repo):
+    mine = repo / "speedruns" / "train_gpt_medium_mine.py"
+    mine.write_text("# a hand-written experiment\n")
+    manifest = (repo / "patches" / "variants.toml").read_bytes()
+    result = run_tool("apply_patch", "polar", "--as", "mine", root=repo)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "train_gpt_medium_mine.py exists" in result.stderr and "--force" in result.stderr
+    assert mine.read_text() == "# a hand-written experiment\n"
+    assert (repo / "patches" / "variants.toml").read_bytes() == manifest
+    assert not list((repo / "speedruns").glob(".*tmp"))
+    forced = run_tool("apply_patch", "polar", "--as", "mine", "--force", root=repo)
+    assert forced.returncode == 0, forced.stderr
+    assert ap.strip_header(mine.read_text()) == ap.strip_header(ap.variant_path(repo, "polar").read_text())
+    assert ap.read_manifest(repo)["mine"] == ["polar"]
+    # a listed variant, or an unlisted script that already holds exactly this output, is regenerated freely
+    assert run_tool("apply_patch", "polar", "--as", "mine", root=repo).returncode == 0
+    assert run_tool("apply_patch", "svd", "--as", "loose", "--no-record", root=repo).returncode == 0
+    assert run_tool("apply_patch", "svd", "--as", "loose", "--no-record", root=repo).returncode == 0
+
+
+def test_empty_as_is_refused(repo):
+    before, manifest = variant_bytes(repo), (repo / "patches" / "variants.toml").read_bytes()
+    result = run_tool("apply_patch", "polar", "--as", "", root=repo)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "--as needs a variant name" in result.stderr
+    assert variant_bytes(repo) == before and (repo / "patches" / "variants.toml").read_bytes() == manifest
+
+
+def test_recording_a_variant_keeps_the_rest_of_the_manifest(repo):
+    path = repo / "patches" / "variants.toml"
+    table = '[svd]\npatches = ["svd"]\n'
+    path.write_text(path.read_text().replace(table, table + 'lr = "muon_lr"\n'))
+    before = path.read_text()
+    assert run_tool("apply_patch", "polar", "normuon", "--as", "pn", root=repo).returncode == 0
+    assert path.read_text() == before + '\n[pn]\npatches = ["polar", "normuon"]\n'
+
+
+def diff_lines(patch_text):
+    """The changed lines of a patch, without line numbers or context: what the patch does."""
+    return [line for line in ap.split_patch(patch_text)[1].splitlines()
+            if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+
+
+def patch_texts(root):
+    return {p.name: p.read_text() for p in (root / "patches").glob("*.patch")}
+
+
+def test_committed_patches_are_what_make_patch_writes(repo):
+    before = patch_texts(repo)
+    result = run_tool("make_patch", "--all", root=repo)
+    assert result.returncode == 0, result.stderr
+    assert f"{len(before)} of {len(before)} patches were already in make_patch's form" in result.stdout
+    assert patch_texts(repo) == before
+    assert variant_bytes(repo) == variant_bytes(ROOT)
+
+
+def test_check_fails_on_a_patch_with_stale_line_numbers(repo):
+    path = repo / "patches" / "polar.patch"
+    canonical = path.read_text()
+    stale = re.sub(r"^@@ -(\d+)", lambda m: f"@@ -{int(m.group(1)) + 3}", canonical, flags=re.M)
+    assert stale != canonical
+    path.write_text(stale)
+    assert run_tool("apply_patch", "--all", root=repo).returncode == 0  # git apply still takes it (offset)
+    result = run_tool("apply_patch", "--check", root=repo)
+    assert result.returncode == 1
+    assert result.stdout.strip().splitlines() == [
+        "patch 'polar': patches/polar.patch is not what make_patch writes (stale line numbers or context); "
+        "run `tools/make_patch --all`"]
+    assert "tools/make_patch --all" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    fixed = run_tool("make_patch", "--all", root=repo)
+    assert fixed.returncode == 0, fixed.stderr
+    assert "rewrote patches/polar.patch" in fixed.stdout
+    assert f"0 of {len(ap.read_manifest(repo))} variants regenerated" in fixed.stdout
+    assert path.read_text() == canonical
+    assert run_tool("apply_patch", "--check", root=repo).returncode == 0
+
+
+def test_make_patch_all_follows_a_baseline_change(repo):
+    baseline = repo / "speedruns" / "train_gpt_medium.py"
+    text = baseline.read_text()
+    anchor = text.index("\n", text.index("import ")) + 1  # new lines near the top shift every hunk
+    baseline.write_text(text[:anchor] + "# a new comment\n# over two lines\n" + text[anchor:])
+    before = patch_texts(repo)
+    assert run_tool("apply_patch", "--check", root=repo).returncode == 1
+    result = run_tool("make_patch", "--all", root=repo)
+    assert result.returncode == 0, result.stderr
+    after = patch_texts(repo)
+    assert set(after) == set(before)
+    for name in before:  # same header, same change, new line numbers
+        assert after[name] != before[name], name
+        assert ap.split_patch(after[name])[0] == ap.split_patch(before[name])[0]
+        assert diff_lines(after[name]) == diff_lines(before[name]), name
+    for variant in ap.read_manifest(repo):
+        assert "# over two lines\n" in ap.variant_path(repo, variant).read_text()
+    check = run_tool("apply_patch", "--check", root=repo)
+    assert check.returncode == 0, check.stdout + check.stderr
+    again = run_tool("make_patch", "--all", root=repo)  # a fixed point: nothing left to rewrite
+    assert f"{len(after)} of {len(after)} patches were already" in again.stdout and patch_texts(repo) == after
+
+
+def test_make_patch_all_names_a_patch_the_baseline_change_broke(repo):
+    baseline = repo / "speedruns" / "train_gpt_medium.py"
+    line = "# Record #8's Newton-Schulz: five quintic steps, each with its own tuned (a, b, c).\n"  # polar replaces it
+    assert line in baseline.read_text()
+    baseline.write_text(baseline.read_text().replace(line, "# Newton-Schulz, five steps.\n"))
+    before = variant_bytes(repo)
+    result = run_tool("make_patch", "--all", root=repo)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "patch 'polar' does not apply" in result.stderr and "fix those patches by hand" in result.stderr
+    failed = set(re.findall(r"patch '(\w+)' does not apply", result.stderr))
+    after = variant_bytes(repo)
+    names = {v: ap.variant_path(repo, v).name for v in ap.read_manifest(repo)}
+    unchanged = {v for v, name in names.items() if after[name] == before[name]}
+    assert unchanged == {v for v, ps in ap.read_manifest(repo).items() if failed & set(ps)}
+    assert "svd" not in unchanged  # the variants the change did not break follow the new baseline
+
+
+def test_make_patch_help_documents_all():
+    result = run_tool("make_patch", "--help")
+    assert result.returncode == 0 and "tools/make_patch --all" in result.stdout and "--all" in result.stdout
+    assert "tools/make_patch --all" in run_tool("apply_patch", "--help").stdout

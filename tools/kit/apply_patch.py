@@ -4,8 +4,13 @@
 
 applies patches/polar.patch then patches/normuon.patch to speedruns/train_gpt_medium.py with
 `git apply` (in a temp directory; the repository and its index are never touched) and writes
-speedruns/train_gpt_medium_polar_normuon.py. `--check` regenerates every variant recorded in
-patches/variants.toml in memory and lists each one that drifted or no longer applies.
+speedruns/train_gpt_medium_polar_normuon.py; it refuses to overwrite an existing script that the
+manifest does not list (unless --force). `--check` regenerates every variant recorded in
+patches/variants.toml in memory and lists each one that drifted or no longer applies, and each patch
+that is not exactly what `tools/make_patch` would write (stale line numbers or context).
+
+After the baseline changes, `tools/make_patch --all` rewrites every patch in that form and regenerates
+every variant; `--check` then passes again.
 """
 
 from __future__ import annotations
@@ -94,14 +99,14 @@ def read_manifest(root: Path) -> dict[str, list[str]]:
     return manifest
 
 
-def format_manifest(manifest: dict[str, list[str]]) -> str:
-    tables = "".join(f"\n[{v}]\npatches = [{', '.join(f'{chr(34)}{p}{chr(34)}' for p in ps)}]\n"
-                     for v, ps in manifest.items())
-    return MANIFEST_PREAMBLE + tables
-
-
-def write_manifest(root: Path, manifest: dict[str, list[str]]) -> None:
-    atomic_write(root / MANIFEST, format_manifest(manifest).encode())
+def record_variant(root: Path, variant: str, patches: list[str]) -> None:
+    """Append [variant] to the manifest, keeping its text (comments, other keys) as it is."""
+    path = root / MANIFEST
+    text = path.read_text(encoding="utf-8") if path.is_file() else MANIFEST_PREAMBLE
+    if text and not text.endswith("\n"):
+        text += "\n"
+    table = f"\n[{variant}]\npatches = [{', '.join(chr(34) + p + chr(34) for p in patches)}]\n"
+    atomic_write(path, (text + table).encode())
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -202,53 +207,86 @@ def _explain_failure(name: str, diff: str, stderr: str) -> str:
     return f"patch {name!r} does not apply: {msg}"
 
 
-def build(root: Path, patches: list[str], overrides: dict[str, str] | None = None) -> str:
+def read_patch(root: Path, name: str) -> str:
+    """The text of patches/<name>.patch; PatchError when it is missing or not UTF-8."""
+    path = patch_path(root, name)
+    if not path.is_file():
+        raise PatchError(f"patch {name!r} not found: no file {path}")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise PatchError(f"patch {name!r} is not UTF-8 text: {path}") from None
+
+
+def apply_one(text: str, name: str, patch_text: str) -> str:
+    """The baseline-shaped text after `git apply` of one patch (in a temp directory) -> the patched text."""
+    header, diff = split_patch(patch_text)
+    if not diff:
+        raise PatchError(f"patch {name!r} holds no diff (only a header); remake it with tools/make_patch")
+    _check_targets(name, diff)
+    with tempfile.TemporaryDirectory(prefix="apply_patch.") as tmp:
+        target = Path(tmp, BASELINE)
+        target.parent.mkdir(parents=True)
+        target.write_bytes(text.encode("utf-8"))
+        patch_file = Path(tmp, f"{name}.patch")
+        patch_file.write_bytes(patch_text.encode("utf-8"))
+        proc = run_git(["apply", "--whitespace=nowarn", str(patch_file)], tmp)
+        if proc.returncode != 0:
+            raise PatchError(_explain_failure(name, diff, proc.stderr))
+        return target.read_bytes().decode("utf-8")
+
+
+class Builder:
+    """build() that remembers every stack prefix it applied (by patch name and text), so that checking
+    or rewriting many variants applies each distinct prefix once."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.baseline = read_bytes(root / BASELINE, "the baseline must exist before variants can be made").decode()
+        self.patches: dict[str, str] = {}
+        self.prefixes: dict[tuple, str] = {}
+
+    def patch_text(self, name: str) -> str:
+        if name not in self.patches:
+            self.patches[name] = read_patch(self.root, name)
+        return self.patches[name]
+
+    def __call__(self, patches: list[str], overrides: dict[str, str] | None = None) -> str:
+        overrides = overrides or {}
+        text, key = self.baseline, ()
+        for name in patches:
+            patch_text = overrides[name] if name in overrides else self.patch_text(name)
+            key += ((name, patch_text),)
+            if key not in self.prefixes:
+                self.prefixes[key] = apply_one(text, name, patch_text)
+            text = self.prefixes[key]
+        return text
+
+
+def build(root: Path, patches: list[str], overrides: dict[str, str] | None = None,
+          builder: Builder | None = None) -> str:
     """Apply the named patches in order to the baseline, in a temp directory -> the patched text.
 
     overrides maps a patch name to patch text used instead of patches/<name>.patch.
     Raises PatchError naming the first patch (and hunk) that fails.
     """
-    overrides = overrides or {}
-    baseline = read_bytes(root / BASELINE, "the baseline must exist before variants can be made")
-    with tempfile.TemporaryDirectory(prefix="apply_patch.") as tmp:
-        target = Path(tmp, BASELINE)
-        target.parent.mkdir(parents=True)
-        target.write_bytes(baseline)
-        for name in patches:
-            if name in overrides:
-                text = overrides[name]
-            else:
-                path = patch_path(root, name)
-                if not path.is_file():
-                    raise PatchError(f"patch {name!r} not found: no file {path}")
-                try:
-                    text = path.read_bytes().decode("utf-8")
-                except UnicodeDecodeError:
-                    raise PatchError(f"patch {name!r} is not UTF-8 text: {path}") from None
-            header, diff = split_patch(text)
-            if not diff:
-                raise PatchError(f"patch {name!r} holds no diff (only a header); remake it with tools/make_patch")
-            _check_targets(name, diff)
-            patch_file = Path(tmp, f"{name}.patch")
-            patch_file.write_bytes(text.encode("utf-8"))
-            proc = run_git(["apply", "--whitespace=nowarn", str(patch_file)], tmp)
-            if proc.returncode != 0:
-                raise PatchError(_explain_failure(name, diff, proc.stderr))
-        return target.read_bytes().decode("utf-8")
+    return (builder or Builder(root))(patches, overrides)
 
 
-def render(root: Path, variant: str, patches: list[str], overrides: dict[str, str] | None = None) -> str:
+def render(root: Path, variant: str, patches: list[str], overrides: dict[str, str] | None = None,
+           builder: Builder | None = None) -> str:
     """The full text of the generated variant file."""
-    return add_header(build(root, patches, overrides), variant, patches)
+    return add_header(build(root, patches, overrides, builder), variant, patches)
 
 
-def check(root: Path) -> list[str]:
+def check(root: Path, builder: Builder | None = None) -> list[str]:
     """Regenerate every manifest variant in memory -> one problem line per drifted or broken variant."""
+    builder = builder or Builder(root)
     problems = []
     for variant, patches in read_manifest(root).items():
         path = variant_path(root, variant)
         try:
-            text = render(root, variant, patches)
+            text = render(root, variant, patches, builder=builder)
         except PatchError as e:
             problems.append(f"{variant}: {e}")
             continue
@@ -256,6 +294,21 @@ def check(root: Path) -> list[str]:
             problems.append(f"{variant}: {path.relative_to(root)} is missing")
         elif path.read_bytes() != text.encode("utf-8"):
             problems.append(f"{variant}: {path.relative_to(root)} differs from its patches {' + '.join(patches)}")
+    return problems
+
+
+def check_canonical(root: Path, builder: Builder | None = None) -> list[str]:
+    """-> one problem line per manifest patch that applies but is not what `tools/make_patch` writes."""
+    from kit import make_patch  # make_patch imports this module
+
+    builder = builder or Builder(root)
+    problems = []
+    for name, fit in make_patch.canonical_patches(read_manifest(root), builder).items():
+        if isinstance(fit, PatchError) or fit.blocked:
+            continue  # check() reports the variants that fail; the form is known once they apply
+        if fit.text != builder.patch_text(name):
+            problems.append(f"patch {name!r}: patches/{name}.patch is not what make_patch writes (stale line "
+                            f"numbers or context); run `tools/make_patch --all`")
     return problems
 
 
@@ -277,9 +330,13 @@ def parse_args(argv):
     p.add_argument("--as", dest="variant", metavar="VARIANT",
                    help="variant name (default: the patch names joined by '_')")
     p.add_argument("--check", action="store_true",
-                   help="regenerate every variant in patches/variants.toml in memory; exit 1 listing drift")
+                   help="regenerate every variant in patches/variants.toml in memory and check that every patch "
+                        "is what make_patch writes; exit 1 listing each problem (after a baseline change, "
+                        "`tools/make_patch --all` fixes the stale patches)")
     p.add_argument("--all", action="store_true", help="regenerate every variant in patches/variants.toml")
     p.add_argument("--no-record", action="store_true", help="do not add the variant to patches/variants.toml")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing script that patches/variants.toml does not list")
     add_root_option(p)
     return p.parse_args(argv)
 
@@ -287,16 +344,23 @@ def parse_args(argv):
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     root = repo_root(args.root)
+    if args.variant is not None and (args.check or args.all):
+        raise SystemExit("error: --as names one new variant; it does not go with --check or --all")
     if args.check:
         if args.names or args.all:
             raise SystemExit("error: --check takes no patch names; run `tools/apply_patch --check` alone")
         variants = read_manifest(root)
-        problems = check(root)
-        for line in problems:
+        builder = Builder(root)
+        problems = check(root, builder)
+        stale = check_canonical(root, builder)
+        for line in problems + stale:
             print(line)
         if problems:
-            raise SystemExit(f"error: {len(problems)} of {len(variants)} variants out of date; "
-                             "fix the patch, then `tools/apply_patch --all`")
+            raise SystemExit(f"error: {len(problems)} of {len(variants)} variants out of date; after editing the "
+                             "baseline or a patch run `tools/make_patch --all`, after editing a variant "
+                             "`tools/make_patch VARIANT`")
+        if stale:
+            raise SystemExit(f"error: {len(stale)} patches not in make_patch's form; run `tools/make_patch --all`")
         print(f"ok: {len(variants)} variants match their patches")
         return
     manifest = read_manifest(root)
@@ -309,6 +373,8 @@ def main(argv=None) -> None:
             raise SystemExit("error: name at least one patch, e.g. `tools/apply_patch polar` (or use --all / --check)")
         for name in args.names:
             check_name(name, "patch name")
+        if args.variant is not None and not args.variant:
+            raise SystemExit("error: --as needs a variant name, e.g. --as polar_normuon (or leave --as out)")
         variant = check_name(args.variant or "_".join(args.names), "variant name")
         recorded = manifest.get(variant)
         if recorded is not None and recorded != args.names:
@@ -316,16 +382,22 @@ def main(argv=None) -> None:
                              f"pass --as OTHER_NAME or edit the manifest")
         todo = [(variant, list(args.names))]
     texts = []
+    builder = Builder(root)
     for variant, patches in todo:  # build everything first: a failure writes nothing
         try:
-            texts.append((variant, patches, render(root, variant, patches)))
+            texts.append((variant, patches, render(root, variant, patches, builder=builder)))
         except PatchError as e:
             raise SystemExit(f"error: {variant}: {e}; nothing written") from None
+    if not args.all and not args.force:
+        variant, patches, text = texts[0]
+        path = variant_path(root, variant)
+        if variant not in manifest and path.exists() and path.read_bytes() != text.encode("utf-8"):
+            raise SystemExit(f"error: {path.relative_to(root)} exists and is not a variant listed in {MANIFEST}; "
+                             f"nothing written; pick another --as name, or pass --force to overwrite it")
     written = [(variant, patches, write_variant(root, variant, patches, text)) for variant, patches, text in texts]
     record = not args.all and not args.no_record and todo[0][0] not in manifest
     if record:
-        manifest[todo[0][0]] = todo[0][1]
-        write_manifest(root, manifest)
+        record_variant(root, *todo[0])
     for variant, patches, path in written:  # report only once everything is written
         print(f"{variant}: {' + '.join(patches)} -> {path.relative_to(root)}")
     if record:
