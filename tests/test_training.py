@@ -58,8 +58,10 @@ def test_loaded_checkpoint_reproduces_the_model(baseline, runs):
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, ckpt["model"][name]), name
     args = baseline.Hyperparameters(**ckpt["hyperparameters"])
-    loss = baseline.evaluate(model.loss, model, args, ckpt["step"], 0, 1, torch.device("cpu"))
-    assert loss == pytest.approx(ckpt["val_loss"], abs=1e-5)
+    loss = baseline.evaluate(model, args, ckpt["step"], 0, 1, torch.device("cpu"))
+    # one process here, two (summing their halves) in the run: fp32 sums of ~86 in another order differ
+    # by a few 1e-6; a model restored wrongly moves the loss by far more than 1e-4
+    assert loss == pytest.approx(ckpt["val_loss"], abs=1e-4)
 
 
 def test_foreign_checkpoint_gets_a_one_line_error(baseline, tmp_path):
@@ -73,11 +75,13 @@ def test_foreign_checkpoint_gets_a_one_line_error(baseline, tmp_path):
 
 
 def test_nan_loss_stops_the_run_naming_the_step(tmp_path, tiny_data):
+    """The loss is checked where the clock pauses (here only the last step: no per-step host sync), and the
+    error still names the first step whose loss was not finite."""
     proc, log, _ = run_training(BASELINE, tmp_path, tiny_data, "--micro_batches=2", "--num_iterations=5",
                                 "--val_loss_every=0", "--head_lr=inf", check=False)
     assert proc.returncode != 0
-    assert "training loss became nan at step 2" in proc.stderr
-    assert "step:1/5 train_time" in log.read_text() and "step:2/5" not in log.read_text()
+    assert "training loss became non-finite at step 2" in proc.stderr
+    assert "step:5/5 train_time" in log.read_text() and "val_loss" not in log.read_text().split("=" * 100)[-1]
 
 
 def test_cpu_preset_loss_falls(tmp_path, tiny_data):
