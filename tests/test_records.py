@@ -1,10 +1,12 @@
 """Statistics (tools/kit/stats.py), the variant manifest (variants.py) and tools/submit_record."""
 
+import json
 import math
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,12 +87,35 @@ def test_single_run_baseline_uses_one_sample_test():
 # ----------------------------------------------------------------------------- a fake repository
 
 
+FAKE_SCRIPT = """# the {name}
+from dataclasses import dataclass
+
+
+@dataclass
+class Hyperparameters:
+    num_iterations: int = 5960
+    muon_lr: float = 0.025
+    head_lr: float = 1 / 320
+    seed: int = 0
+    run_id: str = ""
+    log_dir: str = "logs"
+    preset: str = "official"
+
+
+PRESETS = {{"official": {{}}, "cpu": dict(num_iterations=200, muon_lr=0.05)}}
+print("{name}")
+"""
+# the effective settings of a run of FAKE_SCRIPT with --num_iterations=4 (run_id set per log)
+FAKE_SETTINGS = {"num_iterations": 4, "muon_lr": 0.025, "head_lr": 0.003125, "seed": 0, "log_dir": "logs",
+                 "preset": "official"}
+
+
 def fake_repo(tmp_path):
     repo = tmp_path / "repo"
     (repo / "speedruns").mkdir(parents=True)
     (repo / "patches").mkdir()
-    (repo / "speedruns" / "train_gpt_medium.py").write_text("# the baseline\nprint('baseline')\n")
-    (repo / "speedruns" / "train_gpt_medium_polar.py").write_text("# the polar variant\nprint('polar')\n")
+    (repo / "speedruns" / "train_gpt_medium.py").write_text(FAKE_SCRIPT.format(name="baseline"))
+    (repo / "speedruns" / "train_gpt_medium_polar.py").write_text(FAKE_SCRIPT.format(name="polar variant"))
     (repo / "patches" / "variants.toml").write_text('# manifest\n\n[polar]\npatches = ["polar", "cautious"]\n')
     (repo / "patches" / "polar.patch").write_text(
         "Polar Express orthogonalization instead of NS5\n\nWhy: fewer steps.\n\n"
@@ -102,9 +127,13 @@ def fake_repo(tmp_path):
     return repo
 
 
-def our_log(path, source, finals, steps=4, unit="ms"):
-    """A log in docs/formats.md layout with one run per final loss."""
-    lines = [source.rstrip("\n"), SEP, "Running Python 3.11", "variant:x world_size:1 run_id:r", SEP]
+def our_log(path, source, finals, steps=4, unit="ms", run_id=None, **settings):
+    """A log in docs/formats.md layout with one run per final loss; its run id is the file's stem
+    unless given, its settings FAKE_SETTINGS (num_iterations = steps) updated by `settings`."""
+    run_id = path.stem if run_id is None else run_id
+    hyperparameters = {**FAKE_SETTINGS, "num_iterations": steps, "run_id": run_id, **settings}
+    lines = [source.rstrip("\n"), SEP, "Running Python 3.11", f"variant:x world_size:1 run_id:{run_id}"]
+    lines += ["hyperparameters:" + json.dumps(hyperparameters), SEP]
     for final in finals:
         lines.append(f"step:0/{steps} val_loss:10.825800 train_time:0{unit} step_avg:0.00ms")
         for step in range(1, steps + 1):
@@ -171,20 +200,30 @@ def test_submit_appends_row_and_archives(tmp_path, capsys):
     assert sorted(p.name for p in archive.iterdir()) == ["a.txt", "b.txt"]
     assert (archive / "a.txt").read_bytes() == a.read_bytes()
 
+    assert row["settings"] == "preset official, defaults"
+    assert "(one-sided p " in row["significance"] and "two-sided" not in row["significance"]
+
     # a baseline record, then a new polar row is compared with it by Welch's t-test
     base = our_log(tmp_path / "base.txt", base_src, [2.914, 2.916, 2.915])
     submit(base, "--name", "base", *common)
-    submit(a, "--name", "polar_again", *common)
+    a2 = our_log(tmp_path / "a2.txt", polar_src, [2.910, 2.912])
+    submit(a2, "--name", "polar_again", *common)
     rows = table_rows(records)
     assert [r["variant"] for r in rows] == ["polar", "baseline", "polar"]
     assert rows[1]["description"] == "baseline"
-    assert rows[2]["vs baseline"].startswith(f"{2.911 - 2.915:+.5f} (Welch's p = ")
+    assert rows[2]["vs baseline"].startswith(f"{2.911 - 2.915:+.5f} (Welch's two-sided p = ")
     assert f"baseline record {DATE}_base, n=3" in rows[2]["vs baseline"]
+    # a baseline record at other settings is not this row's baseline: the public run is
+    base_lr = our_log(tmp_path / "base_lr.txt", base_src, [2.9, 2.901], muon_lr=0.03)
+    submit(base_lr, "--name", "base_lr", *common)
+    a3 = our_log(tmp_path / "a3.txt", polar_src, [2.910, 2.912])
+    submit(a3, "--name", "polar_third", *common)
+    assert f"baseline record {DATE}_base, n=3" in table_rows(records)[-1]["vs baseline"]
 
     # the same name again is refused and nothing changes
     before = records.read_bytes()
     with pytest.raises(SystemExit, match="already exists"):
-        submit(a, "--name", "polar_try", *common)
+        submit(our_log(tmp_path / "a4.txt", polar_src, [2.910]), "--name", "polar_try", *common)
     assert records.read_bytes() == before
 
 
@@ -232,6 +271,116 @@ def test_submit_refusals(tmp_path):
     assert f"{margin:.4f} < 0.004" in row["significance"]
 
 
+@pytest.mark.parametrize("final", [math.nan, -math.inf, math.inf])
+def test_submit_refuses_a_non_finite_final_loss_naming_file_and_line(tmp_path, final):
+    repo = fake_repo(tmp_path)
+    polar_src = (repo / "speedruns" / "train_gpt_medium_polar.py").read_text()
+    records = tmp_path / "records.md"
+    good = our_log(tmp_path / "good.txt", polar_src, [2.910])
+    bad = our_log(tmp_path / "bad.txt", polar_src, [final])
+    line = next(i for i, text in enumerate(bad.read_text().splitlines(), 1) if text.startswith("step:4/4 val_loss:"))
+    common = ["--records", records, "--repo", repo, "--date", DATE, "--name", "x"]
+    for extra in ([], ["--allow-insignificant"]):
+        message = refused([good, bad, *common, *extra], f"{bad}:{line}")
+        assert f"final val_loss is {final}" in message
+    assert not records.exists() and not (tmp_path / "records").exists()
+
+
+def test_submit_significance_exactly_on_the_margin_passes(tmp_path):
+    # n = 4, mean 3.278, target 3.28: (3.28 - 3.278) * sqrt(4) = 0.004 exactly (0.0039999... in floats)
+    assert (3.28 - 3.278) * 2 < 0.004
+    repo = fake_repo(tmp_path)
+    polar_src = (repo / "speedruns" / "train_gpt_medium_polar.py").read_text()
+    records = tmp_path / "records.md"
+    edge = [our_log(tmp_path / f"e{i}.txt", polar_src, [v]) for i, v in enumerate([3.277, 3.279, 3.2775, 3.2785])]
+    submit(*edge, "--name", "edge", "--target", "3.28", "--records", records, "--repo", repo, "--date", DATE)
+    (row,) = table_rows(records)
+    assert row["significance"].startswith("yes: 0.0040 >= 0.004 at target 3.28")
+    # one digit worse in the last logged place of one run: refused
+    worse = [*edge[:3], our_log(tmp_path / "w.txt", polar_src, [3.278501])]
+    common = ["--records", records, "--repo", repo, "--date", DATE]
+    assert "not significant" in refused([*worse, "--name", "w", "--target", "3.28", *common], worse[0])
+    assert stats.rule_passes([3.278] * 4, 3.28) and not stats.rule_passes([3.278000001] * 4, 3.28)
+    with pytest.raises(ValueError):
+        stats.public_significance([2.9, -math.inf])
+
+
+def test_submit_refuses_pooling_runs_of_other_settings_and_names_non_defaults(tmp_path):
+    repo = fake_repo(tmp_path)
+    base_src = (repo / "speedruns" / "train_gpt_medium.py").read_text()
+    records = tmp_path / "records.md"
+    common = ["--records", records, "--repo", repo, "--date", DATE]
+    lrs = [our_log(tmp_path / f"lr{i}.txt", base_src, [2.91], muon_lr=lr) for i, lr in enumerate([0.011, 0.012, 0.013])]
+    message = refused([*lrs, "--name", "lrs", *common], lrs[1])
+    assert "settings differ" in message and "muon_lr=0.012 vs 0.011" in message
+    # a field only one log has is a difference too
+    extra = our_log(tmp_path / "extra.txt", base_src, [2.91], muon_lr=0.011, new_knob=1)
+    assert "new_knob=1 vs (absent)" in refused([lrs[0], extra, "--name", "x", *common], extra)
+    # run_id, log_dir, checkpoint_dir, checkpoint_every and seed may differ
+    same = [our_log(tmp_path / f"s{i}.txt", base_src, [2.91], muon_lr=0.011, seed=i, log_dir=f"d{i}",
+                    checkpoint_dir=f"c{i}", checkpoint_every=str(i)) for i in range(3)]
+    submit(*same, "--name", "lr0.011", *common)
+    (row,) = table_rows(records)
+    assert row["settings"] == "preset official: muon_lr=0.011"
+    # defaults are the preset's values in the script: muon_lr=0.05 is the cpu preset's own
+    cpu = our_log(tmp_path / "cpu.txt", base_src, [2.91], preset="cpu", muon_lr=0.05, head_lr=0.01)
+    submit(cpu, "--name", "cpu", *common)
+    assert table_rows(records)[-1]["settings"] == "preset cpu: head_lr=0.01"
+
+
+def test_submit_refuses_a_run_given_twice_or_already_recorded(tmp_path):
+    repo = fake_repo(tmp_path)
+    polar_src = (repo / "speedruns" / "train_gpt_medium_polar.py").read_text()
+    records = tmp_path / "records.md"
+    common = ["--records", records, "--repo", repo, "--date", DATE]
+    a = our_log(tmp_path / "a.txt", polar_src, [2.910, 2.911])
+    b = our_log(tmp_path / "b.txt", polar_src, [2.912])
+    copy = tmp_path / "copy.txt"
+    copy.write_text(a.read_text() + "\n")  # the same run, one byte more
+    message = refused([a, b, copy, "--name", "twice", *common], copy)
+    assert "run id a " in message and str(a) in message
+    submit(a, b, "--name", "first", *common)
+    before = records.read_bytes()
+    message = refused([a, b, "--name", "second", *common], a)
+    assert "already recorded" in message and f"{DATE}_first" in message
+    assert "already recorded" in refused([copy, "--name", "third", *common], copy)
+    assert records.read_bytes() == before and len(list((tmp_path / "records").iterdir())) == 1
+
+
+def test_concurrent_submissions_all_land(tmp_path):
+    """8 submit_record processes released at the same instant on one records.md: 8 rows, 8 archives."""
+    repo = fake_repo(tmp_path)
+    polar_src = (repo / "speedruns" / "train_gpt_medium_polar.py").read_text()
+    records = tmp_path / "records.md"
+    go, ready = tmp_path / "go", tmp_path / "ready"
+    ready.mkdir()
+    driver = (  # import everything, say so, wait for the common start, then submit
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {str(ROOT / 'tools')!r})\n"
+        "import scipy.stats\n"
+        "from kit import submit_record\n"
+        f"open(os.path.join({str(ready)!r}, sys.argv[3]), 'w').close()\n"
+        f"while not os.path.exists({str(go)!r}):\n"
+        "    time.sleep(0.002)\n"
+        "submit_record.main(sys.argv[1:])\n"
+    )
+    procs = []
+    for i in range(8):
+        log = our_log(tmp_path / f"run{i}.txt", polar_src, [2.900 + i / 1000])
+        args = [str(log), "--name", f"n{i}", "--records", str(records), "--repo", str(repo), "--date", DATE]
+        procs.append(subprocess.Popen([sys.executable, "-c", driver, *args], stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    deadline = time.monotonic() + 120
+    while len(list(ready.iterdir())) < 8 and time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.01)
+    go.write_text("")
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, outputs
+    rows = table_rows(records)
+    assert sorted(r["logs"] for r in rows) == sorted(f"[logs](records/{DATE}_n{i}/)" for i in range(8))
+    assert len(list((tmp_path / "records").iterdir())) == 8
+
+
 def test_public_reference_constants_match_its_log():
     run = logs.parse_log(ROOT / "tests" / "data" / "reference_logs" / "medium_record8_2025-04-22.txt").runs[0]
     ref = submit_record.PUBLIC_REFERENCE
@@ -274,11 +423,20 @@ def final_losses_by_regex(path):
 
 
 @pytest.mark.skipif(not BASELINE.exists(), reason="the baseline script is not written yet")
-def test_submit_record_on_two_cpu_preset_runs(tmp_path, capsys, tiny_data):
+def with_run_id(path, new_path, run_id):
+    """A copy of a log of ours under another run id (the environment line and the settings)."""
+    source, rest = path.read_text().split(SEP + "\n", 1)
+    rest = re.sub(r"run_id:\S+\n", f"run_id:{run_id}\n", rest, count=1)
+    rest = re.sub(r'"run_id": "[^"]*"', f'"run_id": "{run_id}"', rest, count=1)
+    new_path.write_text(source + SEP + "\n" + rest)
+    return new_path
+
+
+def test_submit_record_on_cpu_preset_runs(tmp_path, capsys, tiny_data):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = []
-    for seed in (1, 2):
-        args = [*SMALL, f"--seed={seed}", f"--run_id=cpu{seed}", f"--log_dir={tmp_path / 'logs'}"]
+    for seed, extra in ((1, []), (2, []), (3, ["--muon_lr=0.011"])):
+        args = [*SMALL, f"--seed={seed}", f"--run_id=cpu{seed}", f"--log_dir={tmp_path / 'logs'}", *extra]
         args += [f"--train_files={tiny_data['train_files']}", f"--val_files={tiny_data['val_files']}"]
         args.append(f"--checkpoint_dir={tmp_path / 'ck'}")
         runs.append(subprocess.Popen([sys.executable, str(BASELINE), *args], cwd=ROOT, env=env,
@@ -287,9 +445,15 @@ def test_submit_record_on_two_cpu_preset_runs(tmp_path, capsys, tiny_data):
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-2000:]
     logs_ = [tmp_path / "logs" / "cpu1.txt", tmp_path / "logs" / "cpu2.txt"]
+    other_lr = tmp_path / "logs" / "cpu3.txt"
     finals = [final_losses_by_regex(p)[0] for p in logs_]
     records = tmp_path / "records.md"
     common = ["--records", records, "--date", DATE]
+
+    # runs at another muon_lr are not pooled with these: the field is named
+    message = refused([*logs_, other_lr, "--name", "lr", "--target", "20", *common], other_lr)
+    assert "settings differ" in message and "muon_lr=0.011 vs 0.025" in message
+    assert "seed" not in message  # seeds differ on purpose between repeated runs
 
     # a generous target makes these 2-step runs "significant"; the row must say what the logs say
     submit(*logs_, "--name", "cpu", "--target", "20", *common)
@@ -300,24 +464,35 @@ def test_submit_record_on_two_cpu_preset_runs(tmp_path, capsys, tiny_data):
     assert row["mean val loss (n)"] == f"{mean:.5f} ± {std:.5f} (n=2)"
     assert row["significance"].startswith(f"yes: {(20 - mean) * math.sqrt(2):.4f} >= 0.004 at target 20")
     assert "public record #8" in row["vs baseline"]
+    # the settings cell: the preset and what differs from its values in the script (SMALL's changes)
+    settings = row["settings"]
+    assert settings.startswith("preset cpu: ") and "val_tokens=512" in settings and "micro_batches=1" in settings
+    assert "val_loss_every=0" in settings and "muon_lr" not in settings and "seed" not in settings
     archive = tmp_path / "records" / f"{DATE}_cpu"
     assert [(archive / p.name).read_bytes() for p in logs_] == [p.read_bytes() for p in logs_]
 
-    # the same runs again: now compared with the baseline record just made (Welch, identical means)
-    submit(*logs_, "--name", "cpu_again", "--target", "20", "--dry-run", *common)
-    assert f"+0.00000 (Welch's p = 1; vs baseline record {DATE}_cpu, n=2)" in capsys.readouterr().out
+    # the same runs again, under a new name or as a copy with an extra newline: already recorded
+    before = records.read_bytes()
+    assert "already recorded" in refused([*logs_, "--name", "cpu_again", "--target", "20", *common], logs_[0])
+    copy = tmp_path / "copy.txt"
+    copy.write_text(logs_[1].read_text() + "\n")
+    assert "already recorded" in refused([copy, "--name", "cpu_copy", "--target", "20", *common], copy)
+
+    # the same runs under new run ids: compared with the baseline record just made (identical means)
+    renamed = [with_run_id(p, tmp_path / f"new_{p.name}", f"new_{p.stem}") for p in logs_]
+    submit(*renamed, "--name", "cpu_again", "--target", "20", "--dry-run", *common)
+    assert f"+0.00000 (Welch's two-sided p = 1; vs baseline record {DATE}_cpu, n=2)" in capsys.readouterr().out
 
     # refusals: an insignificant result at the public target, a log whose code was edited,
     # and a log whose code is another committed variant's
-    before = records.read_bytes()
-    assert "not significant" in refused([*logs_, "--name", "weak", *common], logs_[0])
-    source, rest = logs_[0].read_text().split("=" * 100 + "\n", 1)
+    assert "not significant" in refused([*renamed, "--name", "weak", *common], renamed[0])
+    source, rest = renamed[0].read_text().split("=" * 100 + "\n", 1)
     edited = tmp_path / "edited.txt"
     edited.write_text(source + "# a hand edit\n" + "=" * 100 + "\n" + rest)
-    assert "matches no committed variant" in refused([logs_[0], edited, "--name", "e", *common], edited)
+    assert "matches no committed variant" in refused([renamed[0], edited, "--name", "e", *common], edited)
     others = sorted((ROOT / "speedruns").glob("train_gpt_medium_*.py"))
     if others:
         mixed = tmp_path / "mixed.txt"
-        mixed.write_text(others[0].read_text() + "=" * 100 + "\n" + rest)
-        assert "mixed variants" in refused([logs_[0], mixed, "--name", "m", "--target", "20", *common], mixed)
+        mixed.write_text(others[0].read_text() + "=" * 100 + "\n" + rest.replace("new_cpu1", "mixed"))
+        assert "mixed variants" in refused([renamed[0], mixed, "--name", "m", "--target", "20", *common], mixed)
     assert records.read_bytes() == before

@@ -9,13 +9,22 @@ Dividing by sigma, this is exactly the one-sided one-sample z-test (sigma known 
 with statistic z = (target - m) * sqrt(n) / sigma, rejecting H0 when z >= 0.004 / 0.0013 = 3.0769,
 i.e. at one-sided level p = P(Z >= 3.0769) = 0.00105 (the rule's "p < 0.001" rounds this;
 strict p < 0.001 would need z >= 3.0902). `public_significance` applies the rule as written and
-reports z and that p-value.
+reports z and that p-value. That p is one-sided; the p of `compare_means` (ours vs the baseline)
+is two-sided.
+
+The rule's verdict is decided in exact decimal arithmetic on the logged digits, so that a set
+exactly on the margin passes (n = 4 runs of mean 3.278 at target 3.28: (3.28 - 3.278) * 2 = 0.004,
+which binary floating point computes as 0.0039999...). Each loss is taken as the shortest decimal
+that reads back as the same double (`repr`), which is the logged text itself for any value logged
+with at most 15 significant digits (ours have 7). With S the sum of the n losses and t the target,
+(t - S/n) * sqrt(n) >= c  <=>  n*t - S >= 0  and  (n*t - S)^2 >= c^2 * n, all exact in Decimal.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from decimal import Decimal, localcontext
 
 from scipy import stats as _scipy_stats
 
@@ -35,8 +44,9 @@ class Summary:
 
 @dataclass
 class Significance:
-    """The public rule applied to n losses: margin = (target - mean) * sqrt(n);
-    significant = margin >= threshold; z = margin / sigma; p_value = P(Z >= z), Z ~ N(0, 1)."""
+    """The public rule applied to n losses: margin = (target - mean) * sqrt(n) (a float, for
+    display); significant = margin >= threshold decided exactly (`rule_passes`); z = margin / sigma;
+    p_value = P(Z >= z), Z ~ N(0, 1): one-sided."""
 
     target: float
     mean: float
@@ -70,18 +80,38 @@ def summarize(values: list[float]) -> Summary:
     return Summary(mean, std, n)
 
 
+def _exact(value: float) -> Decimal:
+    """The decimal a float was logged as: its shortest round-trip text (module docstring)."""
+    return Decimal(repr(float(value)))
+
+
+def rule_passes(losses: list[float], target: float, threshold: float = PUBLIC_THRESHOLD) -> bool:
+    """(target - mean) * sqrt(n) >= threshold, decided exactly in decimal arithmetic (see the
+    module docstring). losses [n], all finite."""
+    n = len(losses)
+    with localcontext() as ctx:
+        ctx.prec = 200  # far more digits than any sum or square below needs: every step is exact
+        gap = n * _exact(target) - sum((_exact(v) for v in losses), Decimal(0))  # n * (target - mean)
+        return gap >= 0 and gap * gap >= _exact(threshold) ** 2 * n
+
+
 def public_significance(
     losses: list[float],
     target: float = PUBLIC_TARGET,
     sigma: float = PUBLIC_SIGMA,
     threshold: float = PUBLIC_THRESHOLD,
 ) -> Significance:
-    """The public record rule (module docstring) on final losses [n]."""
+    """The public record rule (module docstring) on final losses [n]. Raises ValueError when a
+    loss or the target is not finite (nan or inf would make the rule meaningless)."""
+    bad = [v for v in [*losses, target] if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"the significance rule needs finite losses and target, got {bad[0]}")
     s = summarize(losses)
     margin = (target - s.mean) * math.sqrt(s.n)
     z = margin / sigma
     p_value = float(_scipy_stats.norm.sf(z))
-    return Significance(target, s.mean, s.n, margin, threshold, margin >= threshold, z, p_value)
+    significant = rule_passes(losses, target, threshold)
+    return Significance(target, s.mean, s.n, margin, threshold, significant, z, p_value)
 
 
 def compare_means(ours: list[float], baseline: list[float]) -> Comparison:

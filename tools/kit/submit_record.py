@@ -3,17 +3,24 @@
 Example: tools/submit_record logs/run_a.txt logs/run_b.txt logs/run_c.txt --name polar_lr06
 
 Every run in every log is parsed; all must come from one committed variant (the source embedded
-in each log is hashed and matched against speedruns/train_gpt_medium*.py) and have the same step
-count. The final validation losses give mean, std and n, the public significance rule and a
+in each log is hashed and matched against speedruns/train_gpt_medium*.py), have the same step
+count and the same settings (the `hyperparameters:` line of each log; only run_id, log_dir,
+checkpoint_dir, checkpoint_every and seed may differ), a finite final validation loss, and a run
+id that is neither given twice nor already archived under records/. The final validation losses
+give mean, std and n, the public significance rule (decided exactly on the logged digits) and a
 comparison with the current baseline record: the baseline's runs archived in records/ (the latest
-baseline row with the same step count), else the public record #8 reference figures.
-The default --target is the public 2.92; CPU-preset runs need a target at their own scale (or
---allow-insignificant, which records the row marked as not significant).
+baseline row with the same steps and settings), else the public record #8 reference figures.
+The row names the settings that differ from the script's preset. The default --target is the
+public 2.92; CPU-preset runs need a target at their own scale (or --allow-insignificant, which
+records the row marked as not significant). The whole read-check-archive-append is done under a
+lock (records.md.lock beside records.md), so concurrent submissions all land.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import math
 import os
@@ -26,7 +33,16 @@ from pathlib import Path
 
 from . import stats, variants
 from .cliutil import atomic_write_text, make_parser
-from .logs import LogError, LogFile, expand_log_paths, parse_log
+from .logs import (
+    LogError,
+    LogFile,
+    expand_log_paths,
+    format_settings,
+    parse_log,
+    read_identity,
+    script_defaults,
+    settings_differences,
+)
 
 # Public GPT-2 Medium record #8 (modded-nanogpt, 2025-04-22), read from its log's last lines:
 # `step:5960/5960 val_loss:2.919750 train_time:1468898ms step_avg:246.46ms`. A single run.
@@ -43,6 +59,7 @@ TABLE_COLUMNS = [
     "date",
     "variant",
     "steps",
+    "settings",
     "mean train time",
     "mean val loss (n)",
     "significance",
@@ -65,15 +82,21 @@ def records_header() -> str:
             "",
             "- **date**: UTC date of submission. **variant**: the committed script the logs' embedded",
             "  source matches (`baseline` = `speedruns/train_gpt_medium.py`). **steps**: training steps.",
+            "- **settings**: the preset and every setting that differs from that preset's value in the",
+            "  script (from each log's `hyperparameters:` line; all runs of a row have the same settings,",
+            "  except run_id, log_dir, checkpoint_dir, checkpoint_every and seed, which cannot change",
+            "  results or are meant to differ between repeated runs).",
             "- **mean train time**: mean over runs of the final `train_time` (validation excluded).",
             "- **mean val loss (n)**: mean ± sample std of the final validation loss over n runs.",
-            "- **significance**: the public speedrun rule (target - mean) * sqrt(n) >= 0.004 (sigma 0.0013);",
-            "  the cell shows (target - mean) * sqrt(n), the target and the one-sided p-value of the z-test",
-            "  of mean < target it amounts to (the rule's threshold is p = 0.00105, \"p < 0.001\"). Rows",
-            "  that fail it are only recorded with `--allow-insignificant` and say **no**.",
-            "- **vs baseline**: mean loss difference to the current baseline record and its p-value",
-            "  (Welch's t-test; a one-sample t-test when one side has a single run). The baseline record",
-            "  is the latest `baseline` row with the same steps, else the public reference run below.",
+            "- **significance**: the public speedrun rule (target - mean) * sqrt(n) >= 0.004 (sigma 0.0013),",
+            "  decided exactly on the logged digits; the cell shows (target - mean) * sqrt(n), the target",
+            "  and the **one-sided** p-value of the z-test of mean < target it amounts to (the rule's",
+            "  threshold is p = 0.00105, \"p < 0.001\"). Rows that fail it are only recorded with",
+            "  `--allow-insignificant` and say **no**.",
+            "- **vs baseline**: mean loss difference to the current baseline record and its **two-sided**",
+            "  p-value (Welch's t-test; a one-sample t-test when one side has a single run). The baseline",
+            "  record is the latest `baseline` row with the same steps and settings, else the public",
+            "  reference run below.",
             "- **logs**: the archived logs (`records/<date>_<name>/`). **description**: the one-line",
             "  descriptions of the variant's patches (`patches/*.patch` headers).",
             "",
@@ -94,17 +117,26 @@ def records_header() -> str:
 
 @dataclass
 class Submission:
-    """What the logs say: the variant, steps, final losses and times of every finished run."""
+    """What the logs say: the variant, steps, final losses and times of every finished run, the
+    run ids, and the settings (the first log's hyperparameters; all logs agree on them) with the
+    settings cell of the row."""
 
     variant: str
     steps: int
     losses: list[float]
     times_ms: list[float]
     paths: list[Path]
+    run_ids: list[str]
+    hyperparameters: dict
+    settings: str
 
 
 def _fail(message: str) -> None:
     raise SystemExit(message)
+
+
+def _value(settings: dict, key: str) -> str:
+    return repr(settings[key]) if key in settings else "(absent)"
 
 
 def collect(paths: list[Path], repo: Path) -> Submission:
@@ -112,6 +144,7 @@ def collect(paths: list[Path], repo: Path) -> Submission:
     shas = variants.variant_shas(repo)
     parsed: list[tuple[Path, LogFile, str]] = []
     seen: dict[str, Path] = {}
+    run_ids: dict[str, Path] = {}
     for path in paths:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest in seen:
@@ -129,16 +162,28 @@ def collect(paths: list[Path], repo: Path) -> Submission:
                 f"refused: {path}: its code (sha256 {log.source_sha256[:12]}) matches no committed variant "
                 f"in {repo / 'speedruns'}; rerun with a committed script (or regenerate it with tools/apply_patch)"
             )
+        if not log.run_id:
+            _fail(f"refused: {path}: no 'variant:... run_id:ID' environment line, so the run cannot be identified")
+        if log.run_id in run_ids:
+            _fail(f"refused: {path}: run id {log.run_id} is also that of {run_ids[log.run_id]}; give each run once")
+        run_ids[log.run_id] = path
+        if log.hyperparameters is None:
+            _fail(f"refused: {path}: no 'hyperparameters:' environment line, so its settings are unknown")
         if not log.finished_runs():
             _fail(f"refused: {path}: no finished run (no validation line at step T/T)")
+        for run in log.finished_runs():
+            if not math.isfinite(run.final_val_loss):
+                line = run.validations[-1].line
+                _fail(f"refused: {path}:{line}: final val_loss is {run.final_val_loss}; a diverged run cannot count")
         unfinished = len(log.runs) - len(log.finished_runs())
         if unfinished:
             print(f"note: {path}: {unfinished} unfinished run(s) left out", flush=True)
         parsed.append((path, log, variant))
-    first_path, _, first_variant = parsed[0]
+    first_path, first_log, first_variant = parsed[0]
     losses: list[float] = []
     times: list[float] = []
     steps: int | None = None
+    seeds: dict[object, Path] = {}
     for path, log, variant in parsed:
         if variant != first_variant:
             _fail(f"refused: {path}: mixed variants: {variant} here, {first_variant} in {first_path}; one per row")
@@ -149,7 +194,60 @@ def collect(paths: list[Path], repo: Path) -> Submission:
                 _fail(f"refused: {path}: a run of {run.num_iterations} steps mixed with runs of {steps} steps")
             losses.append(run.final_val_loss)
             times.append(run.train_time_ms)
-    return Submission(first_variant, steps, losses, times, list(paths))
+        differing = settings_differences(log.hyperparameters, first_log.hyperparameters)
+        if differing:
+            here, there = log.hyperparameters, first_log.hyperparameters
+            detail = ", ".join(f"{k}={_value(here, k)} vs {_value(there, k)}" for k in differing)
+            _fail(f"refused: {path}: settings differ from {first_path}: {detail}; submit runs of one setting per row")
+        seed = log.hyperparameters.get("seed")
+        if seed in seeds:
+            print(f"note: {path} and {seeds[seed]} both ran with seed {seed}", flush=True)
+        seeds.setdefault(seed, path)
+    hyperparameters = first_log.hyperparameters
+    defaults = script_defaults(first_log.source, str(hyperparameters.get("preset", "")))
+    settings = format_settings(hyperparameters, defaults, leave_out=("num_iterations",))
+    return Submission(first_variant, steps, losses, times, list(paths), list(run_ids), hyperparameters, settings)
+
+
+def recorded_run_ids(records: Path) -> dict[str, Path]:
+    """{run id: archived log} over every log archived beside records.md (records/*/*.txt)."""
+    found: dict[str, Path] = {}
+    archive = records.parent / "records"
+    for log_path in sorted(archive.glob("*/*.txt")) if archive.is_dir() else []:
+        if log_path.parent.name.startswith("."):
+            continue  # a half-made archive of an interrupted submission (never renamed into place)
+        try:
+            run_id = read_identity(log_path)[0]
+        except LogError:
+            continue
+        if run_id:
+            found.setdefault(run_id, log_path)
+    return found
+
+
+def check_not_recorded(sub: Submission, records: Path) -> None:
+    """Refuse a run whose id is already archived (the same run submitted again)."""
+    recorded = recorded_run_ids(records)
+    for run_id, path in zip(sub.run_ids, sub.paths, strict=True):
+        if run_id in recorded:
+            _fail(f"refused: {path}: run id {run_id} is already recorded ({recorded[run_id]}); each run counts once")
+
+
+@contextlib.contextmanager
+def records_lock(records: Path):
+    """Hold an exclusive fcntl.flock on records.md.lock beside records.md (created if needed)."""
+    lock_path = records.with_name(records.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another submission to finish (lock {lock_path})", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------------------- records.md table
@@ -176,11 +274,11 @@ def read_rows(records: Path) -> list[dict[str, str]]:
     return rows
 
 
-def baseline_record(records: Path, steps: int) -> tuple[str, list[float]]:
+def baseline_record(records: Path, steps: int, settings: str) -> tuple[str, list[float]]:
     """(label, final losses) of the current baseline record: the runs archived for the latest
-    baseline row with `steps` steps, else the public reference run."""
+    baseline row with `steps` steps and the same settings cell, else the public reference run."""
     for row in reversed(read_rows(records)):
-        if row["variant"] != variants.BASELINE or row["steps"] != str(steps):
+        if row["variant"] != variants.BASELINE or row["steps"] != str(steps) or row["settings"] != settings:
             continue
         link = re.search(r"\]\(([^)]+)\)", row["logs"])
         folder = records.parent / link.group(1) if link else None
@@ -189,7 +287,8 @@ def baseline_record(records: Path, steps: int) -> tuple[str, list[float]]:
         losses = []
         for log_path in sorted(folder.glob("*.txt")):
             try:
-                losses += [r.final_val_loss for r in parse_log(log_path).finished_runs()]
+                runs = parse_log(log_path).finished_runs()
+                losses += [r.final_val_loss for r in runs if math.isfinite(r.final_val_loss)]
             except LogError:
                 continue
         if losses:
@@ -222,16 +321,17 @@ def format_row(
     verdict = "yes" if sig.significant else "**no** (recorded with --allow-insignificant)"
     relation = ">=" if sig.significant else "<"
     significance = f"{verdict}: {sig.margin:.4f} {relation} {sig.threshold:g} at target {sig.target:g}"
-    significance += f" (p {_p_text(sig.p_value)})"
+    significance += f" (one-sided p {_p_text(sig.p_value)})"
     if comparison.p_value is None:
         p_text = "no test"
     else:
-        p_text = f"{comparison.test.split(' ')[0]} p {_p_text(comparison.p_value)}"
+        p_text = f"{comparison.test.split(' ')[0]} two-sided p {_p_text(comparison.p_value)}"
     versus = f"{comparison.diff:+.5f} ({p_text}; vs {baseline_label}, n={comparison.n_baseline})"
     cells = [
         date,
         sub.variant,
         str(sub.steps),
+        sub.settings,
         f"{mean_time_s:.3f} s",
         f"{summary.mean:.5f}{spread} (n={summary.n})",
         significance,
@@ -284,6 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if not _NAME_RE.match(args.name):
         _fail(f"refused: --name {args.name!r}: use letters, digits, '_', '.', '-' only")
+    if not math.isfinite(args.target):
+        _fail(f"refused: --target {args.target}: give a finite loss, e.g. --target 2.92")
     date = args.date or _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d")
     if not re.match(r"^\d{4}-\d{2}-\d{2}$", date):
         _fail(f"refused: --date {date!r}: expected YYYY-MM-DD")
@@ -304,27 +406,29 @@ def main(argv: list[str] | None = None) -> None:
             f"{sig.margin:.4f} < {sig.threshold:g}; add runs or pass --allow-insignificant"
         )
     records = args.records.resolve()
-    baseline_label, baseline_losses = baseline_record(records, sub.steps)
-    comparison = stats.compare_means(sub.losses, baseline_losses)
     folder_name = f"{date}_{args.name}"
     folder = records.parent / "records" / folder_name
-    row = format_row(date, sub, sig, comparison, baseline_label, f"records/{folder_name}/", description)
-    print(f"{sub.variant}: {len(sub.losses)} runs of {sub.steps} steps from {len(paths)} log(s)")
-    print(f"comparison with {baseline_label}: {comparison.test}")
-    if baseline_label.startswith("public") and sub.steps != PUBLIC_REFERENCE["steps"]:
-        print(f"note: {sub.steps} steps against the public run's {PUBLIC_REFERENCE['steps']}: only indicative")
-    if args.dry_run:
-        print(row)
-        print("dry run: nothing written")
-        return
-    if folder.exists():
-        _fail(f"refused: {folder} already exists; choose another --name")
-    archive_logs(paths, folder)
-    try:
-        append_row(records, row)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+    print(f"{sub.variant}: {len(sub.losses)} runs of {sub.steps} steps from {len(paths)} log(s); {sub.settings}")
+    with contextlib.nullcontext() if args.dry_run else records_lock(records):
+        check_not_recorded(sub, records)
+        baseline_label, baseline_losses = baseline_record(records, sub.steps, sub.settings)
+        comparison = stats.compare_means(sub.losses, baseline_losses)
+        row = format_row(date, sub, sig, comparison, baseline_label, f"records/{folder_name}/", description)
+        print(f"comparison with {baseline_label}: {comparison.test}")
+        if baseline_label.startswith("public") and sub.steps != PUBLIC_REFERENCE["steps"]:
+            print(f"note: {sub.steps} steps against the public run's {PUBLIC_REFERENCE['steps']}: only indicative")
+        if args.dry_run:
+            print(row)
+            print("dry run: nothing written")
+            return
+        if folder.exists():
+            _fail(f"refused: {folder} already exists; choose another --name")
+        archive_logs(paths, folder)
+        try:
+            append_row(records, row)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
     print(row)
     print(f"appended to {records}; logs archived in {folder}")
 
