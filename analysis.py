@@ -29,6 +29,7 @@ from analysis_lib import checkpoints as ck  # noqa: E402
 from analysis_lib import outputs, plots, tree  # noqa: E402
 
 CPU_REPLICAS = 8  # per process; 8 GPUs give 64
+ECHO_NODES = {"echo", "echo_pivots"}  # the pivot estimator reads at least 3 replicas
 
 
 class Context:
@@ -74,7 +75,10 @@ def parse_args(argv):
     parser.add_argument("--tokens", type=int, default=None,
                         help="tokens per replica minibatch (default: the run's train_seq_len)")
     parser.add_argument("--val_files", default=None,
-                        help="held-out token shards for the replicas (default: the run's val_files)")
+                        help="held-out token shards for the replicas (default: the run's val_files); "
+                        "shards the run trained on are refused")
+    parser.add_argument("--allow_train_overlap", "--allow-train-overlap", action="store_true",
+                        help="take replica gradients on --val_files even where they are the run's training shards")
     parser.add_argument("--render", action="store_true", help="only redraw the plots from the results in --out")
     parser.add_argument("--list", action="store_true", help="print every property, its inputs and meaning")
     parser.add_argument("--verbose", action="store_true", help="print each property as it is computed")
@@ -108,6 +112,48 @@ def owners_of(refs, world):
     return owner
 
 
+def replica_source(ckpt, opts):
+    """Where a checkpoint's replica gradients come from. -> (script module, Hyperparameters, tokens per
+    replica, validation glob, its files). Validation files that are training shards of the run are
+    refused unless opts.allow_train_overlap: gradients on trained-on tokens understate the noise."""
+    module = ck.load_script(ckpt, REPO_ROOT)
+    args = ck.hyper(ckpt, module)
+    tokens = ck.tokens_per_replica(args, opts.tokens)
+    pattern = opts.val_files or args.val_files
+    paths = ck.shard_paths(pattern, REPO_ROOT)
+    if not paths:
+        raise ck.CheckpointError(f"no validation files match {pattern!r}; pass --val_files=GLOB "
+                                 "(the held-out tokens that replica gradients are computed on)")
+    overlap = ck.training_overlap(paths, getattr(args, "train_files", None), REPO_ROOT)
+    if overlap and not opts.allow_train_overlap:
+        raise ck.CheckpointError(f"validation files {pattern!r} include {len(overlap)} of the run's training shards "
+                                 f"({overlap[0]}), tokens the model trained on; pass held-out shards with "
+                                 "--val_files=GLOB, or add --allow-train-overlap to use them anyway")
+    return module, args, tokens, pattern, paths
+
+
+def _first_reason(exc):
+    """The first informative line of an exception's message (torch puts a header line first). -> str."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.endswith(":")]
+    first = (reasons or lines or [type(exc).__name__])[0]
+    return first + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else "")
+
+
+def build_model(module, ckpt):
+    """The fp32 model of the training script holding the checkpoint's weights; CheckpointError when the
+    weights and the hyperparameters disagree or the script refuses the hyperparameters."""
+    try:
+        return module.model_from_checkpoint(ckpt).float()
+    except SystemExit as exc:  # the script's own refusal, e.g. a layout it cannot build
+        raise ck.CheckpointError(f"the training script refuses the checkpoint's hyperparameters: "
+                                 f"{str(exc).removeprefix('error: ')}") from None
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+        raise ck.CheckpointError(f"its weights do not fit the model its hyperparameters describe: "
+                                 f"{_first_reason(exc)}; the checkpoint's hyperparameters were edited or "
+                                 "belong to another run") from None
+
+
 def replica_gradients(ckpt, refs, owner, replicas, ctx, opts):
     """R minibatch gradients at the checkpoint's weights, each matrix's stack on its owning process.
 
@@ -115,14 +161,12 @@ def replica_gradients(ckpt, refs, owner, replicas, ctx, opts):
     k, k + W, ... and every slice is gathered to the matrix's owner (no averaging). -> ({label: [R, m, n]},
     tokens per replica).
     """
-    module = ck.load_script(ckpt, REPO_ROOT)
-    args = ck.hyper(ckpt, module)
-    tokens = ck.tokens_per_replica(args, opts.tokens)
+    module, args, tokens, pattern, _ = replica_source(ckpt, opts)
     try:
-        stream = ck.heldout_stream(module, opts.val_files or args.val_files, replicas * (tokens + 1), REPO_ROOT)
+        stream = ck.heldout_stream(module, pattern, replicas * (tokens + 1), REPO_ROOT)
     except SystemExit as exc:  # the script's own shard errors
         raise ck.CheckpointError(str(exc).removeprefix("error: ")) from None
-    model = module.model_from_checkpoint(ckpt).float()
+    model = build_model(module, ckpt)
     params = dict(model.named_parameters())
     missing = sorted({r.param for r in refs} - set(params))
     if missing:
@@ -174,9 +218,29 @@ def replica_gradients(ckpt, refs, owner, replicas, ctx, opts):
 # One checkpoint
 
 
-def matrix_done(path, wanted, replicas):
+def result_settings(ckpt, path, replicas, needs_replicas, opts):
+    """Everything but the property names that decides a checkpoint's results: the checkpoint itself
+    and, when replicas are read, their count, tokens and validation files. (Nothing is random: replica
+    r is the r-th slice of the validation stream, so there is no seed.) -> dict, JSON-able."""
+    hp = ckpt.get("hyperparameters") or {}
+    settings = {"checkpoint": {"run_id": hp.get("run_id"), "step": int(ckpt["step"]),
+                               "source_sha256": ckpt.get("source_sha256"), "bytes": os.path.getsize(path)}}
+    if needs_replicas:
+        _, _, tokens, _, paths = replica_source(ckpt, opts)
+        settings.update(replicas=replicas, tokens=tokens,
+                        val_files=[[os.path.abspath(p), os.path.getsize(p)] for p in paths])
+    return settings
+
+
+def same_settings(recorded, settings):
+    """Whether results recorded under `recorded` hold for `settings` (every key given must agree)."""
+    return isinstance(recorded, dict) and all(recorded.get(k) == v for k, v in settings.items())
+
+
+def matrix_done(path, wanted, settings):
     record = outputs.load_partial(path) if os.path.exists(path) else None
-    return record is not None and set(wanted) <= set(record["properties"]) and record["replicas"] == replicas
+    return record is not None and set(wanted) <= set(record["properties"]) \
+        and same_settings(record.get("settings"), settings)
 
 
 def analyse_checkpoint(path, number, total, wanted, replicas, ctx, opts):
@@ -191,20 +255,22 @@ def analyse_checkpoint(path, number, total, wanted, replicas, ctx, opts):
     base = os.path.join(folder, outputs.stem(step))
     meta = outputs.read_json(base + ".json")
     head = f"checkpoint {number}/{total} {path} (step {step}, {len(refs)} matrices)"
-    if meta and set(wanted) <= set(meta.get("properties", [])) and meta.get("replicas") == replicas \
+    order, _ = tree.plan(wanted, tree.ROOTS)
+    needs_replicas = "replicas" in tree.roots_needed(order)
+    settings = result_settings(ckpt, path, replicas, needs_replicas, opts)
+    if meta and set(wanted) <= set(meta.get("properties", [])) and same_settings(meta.get("settings"), settings) \
             and os.path.exists(base + ".csv") and os.path.exists(base + ".npz"):
         ctx.say(f"{head}: already done, skipped")
         return folder
     ctx.say(head)
     partials = [outputs.partial_path(folder, step, i, r.kind, r.layer) for i, r in enumerate(refs)]
-    todo = [i for i, p in enumerate(partials) if not matrix_done(p, wanted, replicas)]
+    todo = [i for i, p in enumerate(partials) if not matrix_done(p, wanted, settings)]
     ctx.barrier()  # every process has seen the same finished set before anyone writes
     if len(todo) < len(refs):
         ctx.say(f"  resuming: {len(refs) - len(todo)} matrices already done")
     owner = owners_of(refs, ctx.world)
-    order, _ = tree.plan(wanted, tree.ROOTS)
     stacks, tokens, grad_seconds = {}, None, 0.0
-    if todo and "replicas" in tree.roots_needed(order):
+    if todo and needs_replicas:
         start = time.perf_counter()
         stacks, tokens = replica_gradients(ckpt, [refs[i] for i in todo], owner, replicas, ctx, opts)
         grad_seconds = time.perf_counter() - start
@@ -229,14 +295,14 @@ def analyse_checkpoint(path, number, total, wanted, replicas, ctx, opts):
         arrays = {k: v for k, v in results.items() if tree.BY_NAME[k].kind == "array"}
         record = {"param": name, "kind": ref.kind, "layer": ref.layer, "rows": ref.rows, "cols": ref.cols,
                   "scalars": scalars, "arrays": arrays, "seconds": seconds, "properties": list(wanted),
-                  "replicas": replicas, "tokens": tokens, "grad_seconds": grad_seconds}
+                  "replicas": replicas, "tokens": tokens, "grad_seconds": grad_seconds, "settings": settings}
         outputs.save_partial(partials[i], record)
         slowest = max(seconds.items(), key=lambda kv: kv[1], default=("-", 0.0))
         ctx.say(f"{where}: {len(results)} properties in {time.perf_counter() - start:.2f}s "
                 f"(slowest {slowest[0]} {slowest[1]:.2f}s)", every_rank=True)
     ctx.barrier()
     if ctx.rank == 0:
-        assemble(ckpt, path, refs, partials, wanted, replicas, base)
+        assemble(ckpt, path, refs, partials, wanted, replicas, settings, base)
         shutil.rmtree(os.path.join(folder, outputs.stem(step) + ".partial"), ignore_errors=True)
     ctx.barrier()
     return folder
@@ -246,7 +312,7 @@ def _on(tensor, device):
     return None if tensor is None else tensor.to(device)
 
 
-def assemble(ckpt, path, refs, partials, wanted, replicas, base):
+def assemble(ckpt, path, refs, partials, wanted, replicas, settings, base):
     """Join the per-matrix records into the checkpoint's csv, npz and json (all atomic)."""
     scalar_names = [n for n in wanted if tree.BY_NAME[n].kind == "scalar"]
     rows, arrays, node_seconds = [], {}, {}
@@ -271,7 +337,7 @@ def assemble(ckpt, path, refs, partials, wanted, replicas, base):
         "run_id": (ckpt.get("hyperparameters") or {}).get("run_id"), "val_loss": ckpt.get("val_loss"),
         "source_sha256": ckpt.get("source_sha256"), "replicas": replicas, "tokens_per_replica": tokens,
         "properties": list(wanted), "matrices": len(refs), "node_seconds": node_seconds,
-        "gradient_seconds": grad_seconds,
+        "gradient_seconds": grad_seconds, "settings": settings,
     })
 
 
@@ -305,11 +371,21 @@ def main(argv=None):
         return 0
     if not opts.checkpoints:
         raise SystemExit("error: no checkpoints given; example: python analysis.py checkpoints/RUN/step_*.pt")
+    for name, example in (("replicas", 8), ("tokens", 1024)):
+        value = getattr(opts, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{name} must be a positive number (got {value}); e.g. --{name}={example}, "
+                             "or leave it out for the default")
     wanted = tree.resolve_request(opts.properties)
     ctx = Context()
-    replicas = opts.replicas or CPU_REPLICAS * (ctx.world if ctx.device.type == "cuda" else 1)
+    replicas = opts.replicas if opts.replicas is not None else CPU_REPLICAS * (
+        ctx.world if ctx.device.type == "cuda" else 1)
     if replicas < 2:
-        raise SystemExit("error: --replicas must be at least 2 (the echo compares replicas with each other)")
+        raise SystemExit("error: --replicas must be at least 2 (the noise compares replicas with each other)")
+    echo_based = [n for n in wanted if ECHO_NODES & {node.name for node in tree.plan([n])[0]}]
+    if replicas < 3 and echo_based:
+        raise SystemExit(f"error: {', '.join(echo_based)} need --replicas of at least 3 (two replicas show only the "
+                         "product of their echoes); raise --replicas or leave those properties out")
     if ctx.device.type == "cpu" and ctx.world > 1:  # processes share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world))
     failures, folders = 0, set()
@@ -319,7 +395,14 @@ def main(argv=None):
             folders.add(analyse_checkpoint(path, number, total, wanted, replicas, ctx, opts))
         except ck.CheckpointError as exc:
             failures += 1
-            ctx.error(str(exc))
+            text = str(exc)
+            ctx.error(text if text.startswith(str(path)) else f"{path}: {text}")
+        except SystemExit as exc:  # a training script's own refusal
+            failures += 1
+            ctx.error(f"{path}: {str(exc).removeprefix('error: ')}")
+        except Exception as exc:  # anything else still leaves the other checkpoints to be analysed
+            failures += 1
+            ctx.error(f"{path}: {type(exc).__name__}: {_first_reason(exc)} (unexpected; please report it)")
     if ctx.rank == 0 and folders and not opts.skip_plots:
         render(opts.out, only=folders, say=ctx.say)
     ctx.close()

@@ -8,8 +8,10 @@ blocks.{i}.mlp.proj_w "mlp_out". Whatever the checkpoint holds is analysed (no f
 import glob
 import hashlib
 import importlib.util
+import linecache
 import os
 import re
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -114,18 +116,28 @@ def load_script(ckpt, repo_root):
                               "check out the commit that wrote the checkpoint")
     if want and hashlib.sha256(source.encode()).hexdigest() != want:
         raise CheckpointError("embedded source does not match source_sha256; the checkpoint is damaged")
+    key = ("embedded", want or hashlib.sha256(source.encode()).hexdigest())
+    if key in _MODULES:
+        return _MODULES[key]
+    # The file only has to exist while the module runs (decorators such as triton.jit read their source
+    # then); afterwards the source stays in linecache, so tracebacks and inspect still find its lines.
     folder = tempfile.mkdtemp(prefix="analysis_script_")
-    tmp = os.path.join(folder, os.path.basename(rel or "train_gpt_medium.py"))
-    with open(tmp, "w") as f:
-        f.write(source)
-    return _import(tmp, want)
+    try:
+        tmp = os.path.join(folder, os.path.basename(rel or "train_gpt_medium.py"))
+        with open(tmp, "w") as f:
+            f.write(source)
+        module = _import(tmp, key)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    linecache.cache[tmp] = (len(source), None, source.splitlines(True), tmp)  # mtime None: never re-checked
+    return module
 
 
 _MODULES = {}
 
 
-def _import(path, sha):
-    key = (sha, os.path.abspath(path))
+def _import(path, key):
+    key = key if isinstance(key, tuple) else (key, os.path.abspath(path))
     if key not in _MODULES:
         name = f"_analysis_script_{len(_MODULES)}"
         spec = importlib.util.spec_from_file_location(name, path)
@@ -150,8 +162,10 @@ def hyper(ckpt, module):
 
 
 def tokens_per_replica(args, override=None):
-    """One rank's microbatch in tokens: the training script's per-rank sequence length."""
-    if override:
+    """One rank's microbatch in tokens: the training script's per-rank sequence length (or override)."""
+    if override is not None:
+        if int(override) < 1:
+            raise CheckpointError(f"tokens per replica must be positive (got {override}); pass --tokens=N, N >= 1")
         return int(override)
     for name in ("train_seq_len", "seq_len", "train_batch_tokens_per_rank", "sequence_length"):
         value = getattr(args, name, None)
@@ -160,17 +174,29 @@ def tokens_per_replica(args, override=None):
     raise CheckpointError("cannot tell the per-rank batch size from the hyperparameters; pass --tokens=N")
 
 
+def shard_paths(pattern, repo_root):
+    """The files a shard glob names, sorted: relative globs are tried from the working directory,
+    then from the repository root (as the training scripts are usually run). -> [path] (maybe empty)."""
+    for base in ("", repo_root):
+        full = pattern if os.path.isabs(pattern) or not base else os.path.join(base, pattern)
+        paths = sorted(glob.glob(full))
+        if paths:
+            return paths
+    return []
+
+
+def training_overlap(val_paths, train_pattern, repo_root):
+    """The files of val_paths that are also training shards of the run (same file on disk). -> [path]."""
+    train = {os.path.realpath(p) for p in shard_paths(train_pattern, repo_root)} if train_pattern else set()
+    return [p for p in val_paths if os.path.realpath(p) in train]
+
+
 def heldout_stream(module, pattern, need, repo_root):
     """The first `need` tokens of the validation files (sorted), a stream never used for training.
 
     -> 1-D int64 tensor; raises CheckpointError when the files are missing or too short.
     """
-    paths = []
-    for base in ("", repo_root):
-        full = pattern if os.path.isabs(pattern) or not base else os.path.join(base, pattern)
-        paths = sorted(glob.glob(full))
-        if paths:
-            break
+    paths = shard_paths(pattern, repo_root)
     if not paths:
         raise CheckpointError(f"no validation files match {pattern!r}; pass --val_files=GLOB "
                               "(the held-out tokens that replica gradients are computed on)")

@@ -24,6 +24,22 @@ KINDS = [("q", "Attention Q"), ("k", "Attention K"), ("v", "Attention V"), ("o",
          ("mlp_in", "MLP in"), ("mlp_out", "MLP out")]
 DPI = 90
 FIGSIZE = (13, 7.5)
+FITTED = {"tau2", "kappa", "alpha_w", "alpha_xmin_w", "alpha_ks_w"}  # nan means the fit had too little to go on
+
+
+def missing_note(prop, layers, never, sometimes=0):
+    """What a panel leaves out: e.g. "3 of 15 layers have no fit" ("no value" for unfitted properties),
+    and how many more lack it at some steps. -> text, "" when nothing is missing."""
+    word = "fit" if prop in FITTED else "value"
+    parts = [f"{never} of {layers} layers have no {word}"] if never else []
+    if sometimes:
+        parts.append(f"{sometimes}{' more' if never else f' of {layers} layers'} lack it at some steps")
+    return "; ".join(parts)
+
+
+def _note(ax, text):
+    if text:
+        ax.text(0.02, 0.97, text, transform=ax.transAxes, va="top", ha="left", fontsize=8, color="firebrick")
 
 
 def _median_abs(a):
@@ -120,11 +136,14 @@ def _limits(values, log):
 
 
 def scalar_figure(prop, results, path):
-    """results: [(step, rows)] ascending. One line per (kind, layer) over steps."""
+    """results: [(step, rows)] ascending. One line per (kind, layer) over steps; a panel whose layers
+    have no value (nan: e.g. tau^2 without 2 directions above the noise edge) says how many.
+    -> {kind: note written on its panel}, for the panels with one."""
     max_layer = max((r["layer"] for _, rows in results for r in rows), default=1)
     node = tree.BY_NAME.get(prop)
     fig, axes, color = _grid(f"{prop} over training" + (f": {node.doc}" if node else ""), max_layer)
     log = _spans_decades([r.get(prop, math.nan) for _, rows in results for r in rows])
+    notes = {}
     for ax, (kind, label) in zip(axes, KINDS, strict=True):
         series = {}
         for step, rows in results:
@@ -133,6 +152,10 @@ def scalar_figure(prop, results, path):
                     series.setdefault(r["layer"], []).append((step, r.get(prop, math.nan)))
         layers = sorted(series)
         curves = [_clean(*zip(*series[layer], strict=True), False, log) for layer in layers]
+        valued = [sum(not math.isnan(v) for _, v in series[layer]) for layer in layers]
+        notes[kind] = missing_note(prop, len(layers), sum(c == 0 for c in valued),
+                                   sum(0 < c < len(series[layer]) for c, layer in zip(valued, layers, strict=True)))
+        _note(ax, notes[kind])
         _add_lines(ax, curves, [color(layer) for layer in layers])
         if len(results) < 12:  # few checkpoints: mark each one
             points = np.concatenate(curves) if curves else np.empty((0, 2))
@@ -141,6 +164,7 @@ def scalar_figure(prop, results, path):
         ax.set_title(label if series else f"{label} (none)", y=1.0)
     _finish_axes(axes, "training step", prop, ylog=log)
     _save(fig, path)
+    return {kind: text for kind, text in notes.items() if text}
 
 
 def _series(arrays, kind, layer, source, n):
@@ -172,9 +196,12 @@ def _array_lines(prop, arrays, rows):
 
 
 def array_figure(prop, step, lines, max_layer, limits, path):
+    """One checkpoint's array property, a line (or, for the echo, points and the fitted law) per layer.
+    -> {kind: note written on its panel}: for the echo, how many layers have no tau^2 fit (no law drawn)."""
     x_label, y_label, title = ARRAY_PLOTS[prop][2:]
     fig, axes, color = _grid(f"{title} - step {step}", max_layer)
     (xlim, xlog), (ylim, ylog) = limits
+    notes = {}
     for ax, (kind, label) in zip(axes, KINDS, strict=True):
         entries = sorted(lines.get(kind, []), key=lambda e: e[0])
         curves = [_clean(x, y, xlog, ylog) for _, x, y, _ in entries]
@@ -192,9 +219,14 @@ def array_figure(prop, step, lines, max_layer, limits, path):
                     laws.append(_clean(grid, grid**2 / (grid**2 + tau2), xlog, ylog))
                     law_tints.append(tint)
             _add_lines(ax, laws, law_tints, style="--", width=0.9)
+            unfitted = len(entries) - len(laws)
+            if unfitted:
+                notes[kind] = missing_note("tau2", len(entries), unfitted)
+                _note(ax, notes[kind])
         ax.set_title(label if entries else f"{label} (none)", y=1.0)
     _finish_axes(axes, x_label, y_label, xlog, ylog, xlim, ylim)
     _save(fig, path)
+    return notes
 
 
 def _gif(frames, path):
@@ -222,7 +254,9 @@ def render_run(folder, progress=print):
     max_layer = max((r["layer"] for _, rows in results for r in rows), default=1)
     for prop in scalar_names:
         path = os.path.join(plot_dir, f"{prop}_vs_step.png")
-        scalar_figure(prop, results, path)
+        notes = scalar_figure(prop, results, path)
+        if notes:
+            progress(f"  plots: {prop}: " + "; ".join(f"{dict(KINDS)[k]} {t}" for k, t in notes.items()))
         written.append(path)
     present = {key.rsplit("/", 1)[1] for arrays in array_sets for key in arrays}
     for prop in ARRAY_PLOTS:

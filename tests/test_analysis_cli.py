@@ -239,3 +239,116 @@ def test_torchrun_shards_matrices_and_matches_one_process(checkpoints, tmp_path)
     a = outputs.read_npz(tmp_path / "one" / "tiny" / "step_000004.npz")
     b = outputs.read_npz(tmp_path / "two" / "tiny" / "step_000004.npz")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def shard_files(checkpoints):
+    """The fixture run's train and val shard globs."""
+    folder = Path(checkpoints[0]).parents[2]
+    return str(folder / "tiny_train_*.bin"), str(folder / "tiny_val_*.bin")
+
+
+def test_bad_checkpoints_each_give_one_line_and_the_others_run(checkpoints, tmp_path, capsys):
+    ckpt = torch.load(checkpoints[0], weights_only=True)
+    wider = tmp_path / "wider.pt"  # 32-wide weights, 64-wide settings
+    torch.save(dict(ckpt, hyperparameters={**ckpt["hyperparameters"], "model_dim": 64}), wider)
+    fewer = tmp_path / "fewer.pt"  # 16 blocks of weights, 12 in the settings (the script refuses the layout)
+    torch.save(dict(ckpt, hyperparameters={**ckpt["hyperparameters"], "num_layers": 12}), fewer)
+    with pytest.raises(SystemExit, match="2 of 3 checkpoints could not be analysed"):
+        run_cli(wider, fewer, checkpoints[1], "--replicas=2", "--properties", "sigma2", "--out", tmp_path / "out",
+                "--skip_plots")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2, err
+    assert err[0].startswith(f"error: {wider}: ") and "size mismatch" in err[0] and "do not fit" in err[0]
+    assert err[1].startswith(f"error: {fewer}: ") and "num_layers" in err[1]
+    assert (tmp_path / "out" / "tiny" / "step_000004.csv").exists()
+
+
+@pytest.mark.parametrize("argv", [["--replicas=0"], ["--replicas", "-3"], ["--tokens=0"], ["--tokens=-64"]])
+def test_non_positive_counts_are_refused(checkpoints, tmp_path, argv, capsys):
+    with pytest.raises(SystemExit, match=r"^error: --(replicas|tokens) must be a positive number \(got -?\d+\)"):
+        run_cli(checkpoints[0], *argv, "--out", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ck.CheckpointError, match="must be positive"):
+        ck.tokens_per_replica(None, 0)
+
+
+def test_echo_needs_three_replicas(checkpoints, tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: echo, kappa need --replicas of at least 3"):
+        run_cli(checkpoints[0], "--replicas=2", "--properties", "echo,sigma2,kappa", "--out", tmp_path)
+
+
+def test_rerun_with_other_settings_recomputes(checkpoints, tmp_path, capsys):
+    out = tmp_path / "out"
+    csv_path = out / "tiny" / "step_000002.csv"
+
+    def sigma2(*argv):
+        run_cli(checkpoints[0], "--properties", "sigma2", "--out", out, "--skip_plots", *argv)
+        skipped = "already done, skipped" in capsys.readouterr().out
+        return skipped, [r["sigma2"] for r in csv.DictReader(open(csv_path))]
+
+    other_val = tmp_path / "other_val_000.bin"
+    write_shard(other_val, np.random.default_rng(9).integers(0, 256, 4_000))
+    skipped, first = sigma2("--replicas=2", "--tokens=32")
+    assert not skipped
+    assert sigma2("--replicas=2", "--tokens=32") == (True, first)
+    for argv in (["--replicas=2", "--tokens=48"], ["--replicas=3", "--tokens=48"],
+                 ["--replicas=3", "--tokens=48", f"--val_files={other_val}"]):
+        skipped, values = sigma2(*argv)
+        assert not skipped and values != first, argv
+        first = values
+        assert sigma2(*argv) == (True, values), argv
+    meta = outputs.read_json(out / "tiny" / "step_000002.json")
+    assert meta["settings"]["tokens"] == 48 and meta["settings"]["val_files"][0][0] == str(other_val)
+    # Properties of the weights alone do not depend on the replicas: a change there recomputes nothing.
+    run_cli(checkpoints[0], "--properties", "stable_rank_w", "--out", out, "--skip_plots", "--tokens=16")
+    capsys.readouterr()
+    run_cli(checkpoints[0], "--properties", "stable_rank_w", "--out", out, "--skip_plots", "--tokens=24")
+    assert "already done, skipped" in capsys.readouterr().out
+
+
+def test_validation_files_that_are_training_shards_are_refused(checkpoints, tmp_path, capsys):
+    train, _ = shard_files(checkpoints)
+    argv = [checkpoints[1], "--replicas=2", "--properties", "sigma2", "--out", tmp_path / "out", "--skip_plots",
+            f"--val_files={train}"]
+    with pytest.raises(SystemExit, match="1 of 1 checkpoints"):
+        run_cli(*argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training shards" in err[0] and "--allow-train-overlap" in err[0]
+    assert not (tmp_path / "out" / "tiny").exists()
+    run_cli(*argv, "--allow-train-overlap")
+    assert (tmp_path / "out" / "tiny" / "step_000004.csv").exists()
+
+
+def test_embedded_source_leaves_no_temp_folder(checkpoints, tmp_path, monkeypatch):
+    import inspect
+    import tempfile
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.setattr(ck, "_MODULES", {})  # import afresh, not from an earlier test's module
+    ckpt = ck.read_checkpoint(checkpoints[0])
+    module = ck.load_script(dict(ckpt, script_path="speedruns/not_here.py"), str(ROOT))
+    assert list(temp.iterdir()) == []
+    assert module.model_from_checkpoint(ckpt) is not None
+    assert "def model_from_checkpoint" in inspect.getsource(module.model_from_checkpoint)  # lines still found
+
+
+def test_plots_say_how_many_layers_have_no_fit(tmp_path):
+    def row(kind, layer, value):
+        return {"kind": kind, "layer": layer, "tau2": value}
+
+    nan = math.nan
+    results = [(2, [row("q", 0, 5.0), row("q", 1, nan), row("q", 2, nan), row("q", 3, 4.0), row("k", 0, 3.0)]),
+               (4, [row("q", 0, 6.0), row("q", 1, nan), row("q", 2, nan), row("q", 3, nan), row("k", 0, 3.5)])]
+    notes = plots.scalar_figure("tau2", results, tmp_path / "tau2.png")
+    assert notes == {"q": "2 of 4 layers have no fit; 1 more lack it at some steps"}
+    assert (tmp_path / "tau2.png").exists()
+    assert plots.scalar_figure("sigma2", [(2, [{"kind": "v", "layer": 0, "sigma2": nan}])], tmp_path / "s.png") == {
+        "v": "1 of 1 layers have no value"}
+    s = np.array([30.0, 20.0, 10.0])
+    echo = s**2 / (s**2 + 100.0)
+    lines = {"mlp_in": [(0, s, echo, 100.0), (1, s, echo, nan), (2, s, echo, nan)], "o": [(0, s, echo, 80.0)]}
+    limits = ((plots._limits(s, False), False), (plots._limits(echo, False), False))
+    notes = plots.array_figure("echo", 4, lines, 2, limits, tmp_path / "echo.png")
+    assert notes == {"mlp_in": "2 of 3 layers have no fit"}
