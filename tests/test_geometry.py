@@ -1,0 +1,342 @@
+"""The geometry variants keep their weights on their manifolds: sphere, stiefel, oblique, block_stiefel, sl.
+
+Each variant's functions are loaded from its generated script. The constraint tests drive the variant's
+own Muon for 100 steps on random gradients at the CPU preset's shapes (model_dim 64: the attention
+stack [4, 64, 64] with o zero, the MLP in [256, 64], the MLP out [64, 256] zero), so they exercise the
+zero-initialised matrices' entry too. The full shape 1024 x 4096 gets a few steps of the geometry alone,
+driven by Gaussian directions where the variant's step is cheap (row and column norms, slogdet);
+one Newton-Schulz call at that shape costs about 4 s on one CPU thread, so the msign-based variants
+(stiefel, block_stiefel) are checked at the CPU preset's shapes only.
+"""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from conftest import ROOT, run_training
+from kit.logs import parse_log
+from variant_scripts import load_script
+
+DIM = 64  # the CPU preset's model_dim
+STEPS = 100
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    return {}
+
+
+def script(scripts, name):
+    if name not in scripts:
+        scripts[name] = load_script(name)
+    return scripts[name]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def preset_params(seed=0):
+    """The Muon matrices of one block at the CPU preset's shapes, initialised as the model does."""
+    g = torch.Generator().manual_seed(seed)
+    bound = math.sqrt(3) * 0.5 / math.sqrt(DIM)
+    qkvo = (torch.rand(4, DIM, DIM, generator=g) * 2 - 1) * bound
+    qkvo[3] = 0.0
+    fc = (torch.rand(4 * DIM, DIM, generator=g) * 2 - 1) * bound
+    proj = torch.zeros(DIM, 4 * DIM)
+    return [torch.nn.Parameter(t) for t in (qkvo, fc, proj)]
+
+
+def settings(mod, prefix, **overrides):
+    """The variant's Hyperparameters fields named prefix*, as Muon group keys (defaults, then overrides)."""
+    values = {k: v for k, v in dataclasses.asdict(mod.Hyperparameters()).items() if k.startswith(prefix)}
+    return {**values, **overrides}
+
+
+def run_muon(mod, params, group_keys, steps=STEPS, lr=0.05, seed=1, after_step=None):
+    """`steps` steps of the variant's Muon on Gaussian gradients, one group per matrix."""
+    muon = mod.Muon([dict(params=[p], **group_keys) for p in params], lr=lr, momentum=0.9, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(1, steps + 1):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        muon.step()
+        if after_step is not None:
+            after_step(step, muon)
+    return muon
+
+
+def matrices(params):
+    """The 2D matrices of the parameters (the attention stack split in q, k, v, o)."""
+    return [m for p in params for m in (p.data.unbind(0) if p.ndim == 3 else [p.data])]
+
+
+def gram_error(W, scale):
+    """max |G / scale^2 - I| for the Gram matrix of W's shorter side."""
+    G = W.double() @ W.double().mT if W.size(-2) <= W.size(-1) else W.double().mT @ W.double()
+    return float((G / scale**2 - torch.eye(G.size(-1), dtype=torch.float64)).abs().max())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sphere
+
+
+def test_sphere_rows_keep_their_radius(scripts):
+    mod = script(scripts, "sphere")
+    params = preset_params()
+    initial = [p.detach().norm(dim=-1, keepdim=True).clone() for p in params]
+    muon = run_muon(mod, params, settings(mod, "sphere_"))
+    for p, r0 in zip(params, initial, strict=True):
+        radius = muon.state[p]["row_radius"]
+        assert torch.equal(radius, r0)
+        on_sphere = r0 > 0
+        rel = (p.detach().norm(dim=-1, keepdim=True) / radius - 1)[on_sphere].abs().max() if on_sphere.any() else 0
+        assert rel < 1e-4, (p.shape, float(rel))
+    # o and the MLP out start at zero: no sphere, the baseline's step moved them off zero
+    assert float(initial[0][3].max()) == 0 and float(initial[2].max()) == 0
+    assert float(params[0].detach()[3].norm()) > 0.1 and float(params[2].detach().norm()) > 0.1
+
+
+@pytest.mark.parametrize("every", [7, 3])
+def test_sphere_lazy_projection_renormalizes_at_its_steps(scripts, every):
+    mod = script(scripts, "sphere")
+    params = preset_params(seed=2)
+    drift = []
+
+    def check(step, muon):
+        for p in params[:2]:
+            radius = muon.state[p]["row_radius"]
+            rel = (p.detach().norm(dim=-1, keepdim=True) / radius - 1)[radius > 0].abs().max().item()
+            if step % every == 0:
+                assert rel < 1e-4, (step, p.shape, rel)
+            elif step > 1:
+                drift.append(rel)
+
+    run_muon(mod, params, settings(mod, "sphere_", sphere_step="project", sphere_every=every), steps=30,
+             after_step=check)
+    assert max(drift) > 1e-4  # between projections the plain step does leave the sphere
+
+
+def test_sphere_tangent_projection(scripts):
+    mod = script(scripts, "sphere")
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(32, 48, generator=g, dtype=torch.float64)
+    radius = W.norm(dim=-1, keepdim=True)
+    U = torch.randn(32, 48, generator=g, dtype=torch.float64)
+    T = mod.row_tangent(W, U, radius)
+    torch.testing.assert_close(mod.row_tangent(W, T, radius), T, rtol=0, atol=1e-12)  # idempotent
+    assert float((T * W).sum(-1).abs().max()) < 1e-12  # orthogonal to the normal (the row itself)
+    normal = U - T  # what it removes lies along each row
+    assert float((normal - (normal * W).sum(-1, keepdim=True) / radius**2 * W).abs().max()) < 1e-12
+
+
+def test_sphere_geodesic_stays_on_the_sphere_without_retraction(scripts):
+    mod = script(scripts, "sphere")
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(DIM, 4 * DIM, generator=g, dtype=torch.float64)
+    radius = W.norm(dim=-1, keepdim=True)
+    for _ in range(STEPS):
+        T = mod.row_tangent(W, torch.randn(W.shape, generator=g, dtype=torch.float64), radius)
+        W = mod.sphere_geodesic(W, T, 0.05 * T.norm(dim=-1, keepdim=True) / radius, radius)
+    assert float((W.norm(dim=-1, keepdim=True) / radius - 1).abs().max()) < 1e-6
+    # the angle is what it says: one step of angle theta moves each row by the chord 2 r sin(theta / 2)
+    T = mod.row_tangent(W, torch.randn(W.shape, generator=g, dtype=torch.float64), radius)
+    theta = torch.full_like(radius, 0.3)
+    chord = (mod.sphere_geodesic(W, T, theta, radius) - W).norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(chord, 2 * radius * math.sin(0.15), rtol=1e-10, atol=0)
+
+
+def test_sphere_geodesic_in_fp32_optimizer_without_retraction(scripts):
+    """The optimizer's own geodesic (fp32, sphere_every=0) drifts by rounding only."""
+    mod = script(scripts, "sphere")
+    params = preset_params(seed=5)
+    muon = run_muon(mod, params, settings(mod, "sphere_", sphere_every=0))
+    for p in params[:2]:
+        radius = muon.state[p]["row_radius"]
+        rel = (p.detach().norm(dim=-1, keepdim=True) / radius - 1)[radius > 0].abs().max().item()
+        assert rel < 2e-5, rel
+
+
+def test_sphere_at_the_full_shape(scripts):
+    mod = script(scripts, "sphere")
+    g = torch.Generator().manual_seed(6)
+    W = torch.zeros(1024, 4096)
+    W[:512] = torch.randn(512, 4096, generator=g) * 0.01  # half the rows start at zero
+    state = {}
+    for _ in range(3):
+        U = torch.randn(W.shape, generator=g) * 0.01
+        mod.sphere_step_(W, U, 0.05, 0.99, state, "geodesic", "norm", 1)
+    assert float((W[:512].norm(dim=-1) / state["row_radius"][:512, 0] - 1).abs().max()) < 1e-4
+    assert float(state["row_radius"][512:].abs().max()) == 0.0 and float(W[512:].norm()) > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# stiefel
+
+
+def on_stiefel(mod, params):
+    for W in params:
+        scale = mod.stiefel_scale(*W.shape[-2:])
+        for M in (W.detach().unbind(0) if W.ndim == 3 else [W.detach()]):
+            err = gram_error(M, scale)
+            assert err < 1e-4, (tuple(M.shape), err)
+
+
+def test_stiefel_weights_keep_equal_singular_values(scripts):
+    mod = script(scripts, "stiefel")
+    params = preset_params()
+    with torch.no_grad():
+        for p in params:
+            p.copy_(mod.stiefel_project(p))
+    assert float(params[0].detach()[3].norm()) == 0 and float(params[2].detach().norm()) == 0  # zero stays zero
+    on_stiefel(mod, [params[0].detach()[:3], params[1]])
+    run_muon(mod, params, settings(mod, "stiefel_"))
+    on_stiefel(mod, [params[0].detach()[:3], params[1]])
+    # o and the MLP out start at zero: off the manifold, moved by the baseline's step
+    assert float(params[0].detach()[3].norm()) > 0.1 and float(params[2].detach().norm()) > 0.1
+
+
+def test_stiefel_build_optimizers_projects_the_model(scripts):
+    mod = script(scripts, "stiefel")
+    args = mod.parse_args(["--preset=cpu"])
+    model = mod.GPT(args)
+    muon, _ = mod.build_optimizers(model, args, 0, 1)
+    block = model.blocks[0]
+    on_stiefel(mod, [block.attn.qkvo_w.detach()[:3], block.mlp.fc_w])
+    assert float(block.attn.qkvo_w.detach()[3].norm()) == 0 and float(block.mlp.proj_w.detach().norm()) == 0
+    assert muon.param_groups[0]["stiefel_dual_iters"] == args.stiefel_dual_iters
+
+
+@pytest.mark.parametrize("shape", [(4 * DIM, DIM), (DIM, 4 * DIM), (DIM, DIM)])
+def test_stiefel_tangent_projection(scripts, shape):
+    """The projection the dual-ascent step ends with: idempotent, and what it removes is normal (X S, S sym)."""
+    mod = script(scripts, "stiefel")
+    g = torch.Generator().manual_seed(7)
+    Xt, _ = torch.linalg.qr(torch.randn(max(shape), min(shape), generator=g, dtype=torch.float64))
+    A = torch.randn(Xt.shape, generator=g, dtype=torch.float64)
+    T = mod.stiefel_tangent(Xt, A)
+    torch.testing.assert_close(mod.stiefel_tangent(Xt, T), T, rtol=0, atol=1e-12)  # idempotent
+    assert float((Xt.mT @ T + T.mT @ Xt).abs().max()) < 1e-12  # tangent
+    S = torch.randn(Xt.size(-1), Xt.size(-1), generator=g, dtype=torch.float64)
+    assert abs(float((T * (Xt @ (S + S.mT))).sum())) < 1e-10  # orthogonal to the normal space
+
+
+@pytest.mark.parametrize("shape", [(4 * DIM, DIM), (DIM, 4 * DIM), (DIM, DIM), (3, DIM, DIM)])
+def test_stiefel_dual_ascent_step_is_tangent_with_spectral_norm_lr(scripts, shape):
+    mod = script(scripts, "stiefel")
+    g = torch.Generator().manual_seed(8)
+    X = mod.stiefel_project(torch.randn(shape, generator=g)) / mod.stiefel_scale(*shape[-2:])
+    G = torch.randn(shape, generator=g)
+    lr = 0.07
+    A, iters, rms = mod.stiefel_tangent_step(X, G, lr)
+    Xd, Ad = X.double(), A.double()
+    decrease = float((G.double() * Ad).sum())
+    assert decrease < 0  # a descent direction
+    if shape[-2] < shape[-1]:
+        Xd, Ad = Xd.mT, Ad.mT
+    assert float((Xd.mT @ Ad + Ad.mT @ Xd).abs().max()) < 1e-5 * lr
+    spectral = torch.linalg.matrix_norm(Ad, ord=2)
+    assert float((spectral / lr - 1).abs().max()) < 1e-3
+    if shape[-2] == shape[-1]:  # square: the first multiplier is exact; the optimum is -lr X msign(skew(X^T G))
+        assert iters == 1
+        K = Xd.mT @ G.double()
+        U, _, Vh = torch.linalg.svd(0.5 * (K - K.mT))
+        best = float((G.double() * (-lr * Xd @ U @ Vh)).sum())
+        assert best <= decrease < best * (1 - 1e-3)
+
+
+def test_stiefel_dual_ascent_converges_and_beats_plain_projection(scripts):
+    """On a Gaussian gradient the dual ascent reaches its tolerance, and its step decreases the loss more
+    than the Muon step projected onto the tangent space (the ascent's starting point for square X)."""
+    mod = script(scripts, "stiefel")
+    g = torch.Generator().manual_seed(9)
+    X = mod.stiefel_project(torch.randn(4 * DIM, DIM, generator=g)) / mod.stiefel_scale(4 * DIM, DIM)
+    G = torch.randn(4 * DIM, DIM, generator=g)
+    A, iters, rms = mod.stiefel_tangent_step(X, G, 0.1, iters=100, tol=1e-4)
+    assert rms <= 1e-4 and iters < 100
+    O = mod.msign_fp32(G)
+    P = O - X @ mod.symmetric(X.mT @ O)
+    P = -0.1 * P / torch.linalg.matrix_norm(P, ord=2)
+    assert float((G * A).sum()) < float((G * P).sum()) - 1e-3 * float(G.norm())
+
+
+def test_stiefel_retraction_lands_on_the_manifold(scripts):
+    mod = script(scripts, "stiefel")
+    g = torch.Generator().manual_seed(10)
+    X = mod.stiefel_project(torch.randn(4 * DIM, DIM, generator=g)) / mod.stiefel_scale(4 * DIM, DIM)
+    A, _, _ = mod.stiefel_tangent_step(X, torch.randn(X.shape, generator=g), 0.3)
+    assert gram_error(mod.stiefel_retract(X + A), 1.0) < 1e-5
+    assert gram_error(X + A, 1.0) > 1e-3  # the step alone leaves it
+
+
+# ----------------------------------------------------------------------------------------------------------
+# each variant: short CPU-preset runs end finite, and 2 processes equal 1 process accumulating 2 micro-batches
+
+GEOMETRY_VARIANTS = ["sphere", "stiefel"]
+RUN_STEPS = 6
+
+# Runs every variant's main() in one launch (one torch import and, under torchrun, one process group for
+# all of them): process start-up is most of a short run's cost.
+RUNNER = """
+import importlib.util, os, sys
+import torch
+import torch.distributed as dist
+world = int(os.environ.get("WORLD_SIZE", 1))
+if world > 1:
+    dist.init_process_group("gloo")
+    destroy, dist.destroy_process_group = dist.destroy_process_group, lambda: None
+argv = [a for a in sys.argv[1:] if not a.startswith("--run_id=")]
+for path in os.environ["GEOMETRY_SCRIPTS"].split(os.pathsep):
+    spec = importlib.util.spec_from_file_location("variant", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if world > 1:
+        mod.setup_distributed = lambda args: (dist.get_rank(), world, torch.device("cpu"))
+    mod.main(argv + ["--run_id=" + os.path.basename(path)[len("train_gpt_medium_"):-3]])
+if world > 1:
+    destroy()
+"""
+
+
+@pytest.fixture(scope="module")
+def variant_runs(tmp_path_factory, tiny_data):
+    """{nproc: {variant: [(step, val_loss)]}} for RUN_STEPS steps on 2 micro-batches, 1 and 2 processes."""
+    import os
+
+    tmp = tmp_path_factory.mktemp("geometry_runs")
+    runner = tmp / "run_variants.py"
+    runner.write_text(RUNNER)
+    scripts = [str(ROOT / "speedruns" / f"train_gpt_medium_{v}.py") for v in GEOMETRY_VARIANTS]
+    os.environ["GEOMETRY_SCRIPTS"] = os.pathsep.join(scripts)
+    try:
+        out = {}
+        for nproc in (1, 2):
+            run_training(runner, tmp / f"p{nproc}", tiny_data, "--micro_batches=2", f"--num_iterations={RUN_STEPS}",
+                         f"--val_loss_every={RUN_STEPS // 2}", nproc=nproc)
+            out[nproc] = {}
+            for v in GEOMETRY_VARIANTS:
+                run = parse_log(tmp / f"p{nproc}" / "logs" / f"{v}.txt").runs[0]
+                assert run.finished and run.steps == RUN_STEPS, v
+                out[nproc][v] = [(x.step, x.val_loss) for x in run.validations]
+        return out
+    finally:
+        del os.environ["GEOMETRY_SCRIPTS"]
+
+
+@pytest.mark.parametrize("variant", GEOMETRY_VARIANTS)
+def test_short_run_is_finite_and_learns(variant_runs, variant):
+    curve = variant_runs[1][variant]
+    assert [s for s, _ in curve] == [0, RUN_STEPS // 2, RUN_STEPS]
+    assert all(math.isfinite(v) for _, v in curve)
+    assert curve[-1][1] < curve[0][1] - 0.1
+
+
+@pytest.mark.parametrize("variant", GEOMETRY_VARIANTS)
+def test_two_processes_equal_one_accumulating(variant_runs, variant):
+    for (s1, l1), (s2, l2) in zip(variant_runs[1][variant], variant_runs[2][variant], strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, abs=2e-4)
