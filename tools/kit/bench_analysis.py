@@ -15,6 +15,13 @@ size (the kernel's high-water mark, reset before each run) above what was reside
 began, in MiB and in replica stacks (R m n fp32 values; the stack itself is an input, resident
 before the run: add 1 for the total the tree holds). Gradient computation is not part of any.
 Prints one table; nothing is written.
+
+With --echo it measures accuracy instead of speed (tools/bench_analysis --echo): planted replicas
+(12 directions at 4x down to 1x the noise edge, plus iid N(0, 1) noise; default shapes 128x256 and
+256x1024) at each of --echo_replicas, one row per shape and R, averaged over --seeds: the echo's mean
+error and RMSE against the truth it converges to (replica r's <u_i, u_hat_i^r> <v_i, v_hat_i^r>,
+median over replicas), and kappa; beside them the same for the former estimator (divided by the
+whole ||Z||_F^2: it read equal echoes c as c sqrt((R-2)/R)).
 """
 
 from __future__ import annotations
@@ -160,24 +167,99 @@ def measure(fn, *args):
     return seconds, cpu, mem.extra
 
 
+ECHO_DIRECTIONS = 12
+
+
+def planted_replicas(m, n, replicas, seed):
+    """12 directions from 4x down to 1x the noise edge sqrt(m) + sqrt(n), plus iid N(0, 1) noise per replica.
+    -> (U [m, 12], V [n, 12], G [R, m, n]) fp32."""
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.linspace(4.0, 1.0, ECHO_DIRECTIONS, dtype=torch.float64) * (math.sqrt(m) + math.sqrt(n))
+    u = torch.linalg.qr(torch.randn(m, ECHO_DIRECTIONS, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, ECHO_DIRECTIONS, generator=gen, dtype=torch.float64))[0]
+    noise = torch.randn(replicas, m, n, generator=torch.Generator().manual_seed(seed + 1000), dtype=torch.float64)
+    return u.float(), v.float(), ((u * s) @ v.T + noise).float()
+
+
+def former_echo(z):
+    """The estimator analysis.py used before: sqrt((Z^3)_aa / ||Z||_F^2), median over pivots. [k, R, R] -> [k]."""
+    ratio = ((z @ z) * z.mT).sum(-1) / (z**2).sum((-1, -2)).clamp_min(1e-30)[:, None]
+    return sp.median_over(ratio.clamp_min(0).sqrt(), 1)
+
+
+def echo_accuracy(m, n, replicas, seed):
+    """-> {estimator: (mean error, RMSE, kappa)} for the current echo ("echo") and the former one."""
+    u, v, g = planted_replicas(m, n, replicas, seed)
+    um, _, vm = sp.svd(g.mean(0))
+    energies = sp.replica_energies(g, g.mean(0))
+    sigma2 = sp.noise_variance(energies, g.shape)
+    al = sp.align_replicas(um, vm, g)
+    k = ECHO_DIRECTIONS
+    true = torch.einsum("mk,rmk->rk", u, al["u"][:, :, :k]) * torch.einsum("nk,rnk->rk", v, al["v"][:, :, :k])
+    true = sp.median_over(true, 0)
+    z = sp.reverb_matrix(al["u"], al["v"])
+    s_median = sp.median_over(al["s"], 0)
+    out = {}
+    for name, echo in (("echo", sp.echo_estimate(z)), ("former", former_echo(z))):
+        error = echo[:k] - true
+        tau2 = sp.fit_tau2(s_median, echo, sp.noise_edge(sigma2, m, n))
+        out[name] = (float(error.mean()), float((error**2).mean().sqrt()), sp.kappa(tau2, sigma2, m, n))
+    return out
+
+
+def echo_main(shapes, replica_counts, seeds):
+    print(f"echo accuracy on planted replicas ({ECHO_DIRECTIONS} directions, 4x..1x the noise edge, N(0,1) noise); "
+          f"mean over seeds {','.join(map(str, seeds))}; torch {torch.__version__}, {torch.get_num_threads()} threads",
+          flush=True)
+    print(f"{'shape':>10} {'R':>3} {'mean err':>9} {'RMSE':>7} {'kappa':>6}   former: {'mean err':>9} {'RMSE':>7} "
+          f"{'kappa':>6}")
+    for m, n in shapes:
+        for r in replica_counts:
+            runs = [echo_accuracy(m, n, r, seed) for seed in seeds]
+            mean = {key: [sum(run[key][i] for run in runs) / len(runs) for i in range(3)] for key in runs[0]}
+            e, f = mean["echo"], mean["former"]
+            print(f"{m:>5}x{n:<4} {r:>3} {e[0]:>+9.4f} {e[1]:>7.4f} {e[2]:>6.3f}   former: {f[0]:>+9.4f} "
+                  f"{f[1]:>7.4f} {f[2]:>6.3f}", flush=True)
+    return 0
+
+
+def int_list(text, what, example, least):
+    try:
+        values = [int(x) for x in text.split(",")]
+        assert values and min(values) >= least
+    except (ValueError, AssertionError):
+        raise SystemExit(f"error: bad {what} {text!r}; write integers of at least {least} separated by commas, "
+                         f"e.g. {what}={example}") from None
+    return values
+
+
 def main(argv=None):
     parser = make_parser("tools/bench_analysis", __doc__)
     parser.add_argument("--replicas", type=int, default=8, help="replica gradients R (default 8)")
-    parser.add_argument("--shapes", default="1024x1024,1024x4096,4096x1024",
-                        help="comma list of MxN (default: GPT-2 Medium's attention and MLP shapes)")
+    parser.add_argument("--shapes", default=None,
+                        help="comma list of MxN (default: GPT-2 Medium's attention and MLP shapes; with --echo "
+                        "128x256,256x1024)")
+    parser.add_argument("--echo", action="store_true", help="measure the echo's accuracy on planted data instead")
+    parser.add_argument("--echo_replicas", default="8,16,64", help="with --echo: replica counts (default 8,16,64)")
+    parser.add_argument("--seeds", default="11,12", help="with --echo: planted-data seeds (default 11,12)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each side, best kept (default 2)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default cpu")
     opts = parser.parse_args(argv)
+    if opts.shapes is None:
+        opts.shapes = "128x256,256x1024" if opts.echo else "1024x1024,1024x4096,4096x1024"
     try:
         shapes = [tuple(int(x) for x in s.lower().split("x")) for s in opts.shapes.split(",")]
         assert all(len(s) == 2 and min(s) > 0 for s in shapes)
     except (ValueError, AssertionError):
         raise SystemExit(f"error: bad --shapes {opts.shapes!r}; write e.g. 1024x1024,1024x4096") from None
-    if opts.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no GPU is visible; run with --device cpu")
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    if opts.echo:
+        counts = int_list(opts.echo_replicas, "--echo_replicas", "8,16,64", 3)  # the echo needs 3 replicas
+        return echo_main(shapes, counts, int_list(opts.seeds, "--seeds", "11,12", 0))
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no GPU is visible; run with --device cpu")
     device = torch.device(opts.device)
     exact_rss = live_memory_rss()
     r = opts.replicas
