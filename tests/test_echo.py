@@ -198,3 +198,111 @@ def test_cpu_preset_run_ends_finite_and_its_log_parses(tmp_path, tiny_data):
     for line in lines:
         fields = dict(token.split(":", 1) for token in line.split()[1:])
         assert 0 < float(fields["zeta"]) <= 1.0001 and 0 < float(fields["tau2/smax2"]) < 1
+
+
+# ------------------------------------------------------------------------------------------------
+# echo_exact
+
+ECHO_EXACT = ROOT / "speedruns" / "train_gpt_medium_echo_exact.py"
+SMALL = ["--model_dim=32", "--num_heads=1"]  # echo_exact runs R + 1 SVDs and R assignments per matrix
+
+
+@pytest.fixture(scope="module")
+def exact():
+    return load_script(ECHO_EXACT)
+
+
+def planted_replicas(m, n, s, sigma, replicas, seed):
+    """R replicas U diag(s) V^T + N(0, sigma^2) noise, fp64 -> [R, m, n]."""
+    g = torch.Generator().manual_seed(seed)
+    signal, _, _ = planted(s.double(), m, n, seed=seed)
+    return signal + sigma * torch.randn(replicas, m, n, generator=g, dtype=torch.float64)
+
+
+def overlap_cost(replicas):
+    """|U^T U_r| |V^T V_r| of the mean's directions against replica 0's: the matrix echo_exact assigns."""
+    U, _, Vh = torch.linalg.svd(replicas.mean(0), full_matrices=False)
+    Ur, _, Vhr = torch.linalg.svd(replicas[0], full_matrices=False)
+    return (U.T @ Ur).abs() * (Vh @ Vhr.T).abs()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_assignment_equals_scipys(exact, seed):
+    from scipy.optimize import linear_sum_assignment
+
+    g = torch.Generator().manual_seed(seed)
+    k = 30
+    edge = math.sqrt(40) + math.sqrt(60)
+    free = torch.rand(k, k, generator=g, dtype=torch.float64)
+    assert list(exact.hungarian(-free.numpy())) == list(linear_sum_assignment(free.numpy(), maximize=True)[1])
+    costs = [free / k,  # rows and columns sum to at most 1, as overlaps do; no sure pairs: all Hungarian
+             overlap_cost(planted_replicas(40, 60, 8 * 0.85 ** torch.arange(40.0) * edge, 1.0, 4, seed))]
+    for cost in costs:
+        want = linear_sum_assignment(cost.numpy(), maximize=True)[1]
+        got = exact.assign_directions(cost).numpy()
+        assert list(got) == list(want)
+    assert (costs[1] > exact.SURE_MATCH).sum() >= 5  # the planted case also takes the sure-pair path
+
+
+def test_exact_echo_equals_analysis(exact):
+    """The same 8 replicas through analysis_lib's tree and through echo_exact: the same zeta (1e-5)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from analysis_lib import tree
+
+    m, n = 48, 80
+    edge = math.sqrt(m) + math.sqrt(n)
+    g = planted_replicas(m, n, torch.linspace(4.0, 1.0, 12) * edge, 1.0, 8, seed=5)
+    res, _ = tree.run(["echo"], {"replicas": g.clone()})
+    U, s, V, zeta = exact.replica_echo(g)
+    want = torch.as_tensor(res["echo"], dtype=torch.float64)
+    assert zeta.shape == want.shape == (m,)
+    assert (zeta - want).abs().max() < 1e-5
+    assert zeta[:12].min() > 0.5 and zeta[20:].max() < zeta[:12].min()  # signal echoes, noise does not
+    torch.testing.assert_close(s, torch.linalg.svdvals(g.mean(0)))
+
+
+def test_exact_echo_goes_to_one_as_the_noise_vanishes(exact):
+    m, n = 30, 50
+    s = torch.linspace(4.0, 1.0, 10) * (math.sqrt(m) + math.sqrt(n))
+    top = []
+    for sigma in (1.0, 0.1, 1e-4):
+        _, _, _, zeta = exact.replica_echo(planted_replicas(m, n, s, sigma, 5, seed=6))
+        top.append(float(zeta[:10].min()))
+    assert top[0] < top[1] < top[2] and top[2] > 1 - 1e-6
+
+
+def test_exact_needs_three_micro_batches(exact):
+    args = exact.parse_args(["--preset=cpu", "--micro_batches=2", *SMALL])
+    with pytest.raises(SystemExit, match="echo_exact needs at least 3"):
+        exact.build_optimizers(exact.GPT(args), args, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def exact_runs(tmp_path_factory, tiny_data):
+    """4 steps on 4 micro-batches of a 32-wide model: one process accumulating, and two processes."""
+    common = ["--micro_batches=4", "--num_iterations=4", "--val_loss_every=2", "--checkpoint_every=4", *SMALL]
+    out = {}
+    for nproc in (1, 2):
+        tmp = tmp_path_factory.mktemp(f"exact{nproc}")
+        _, log, ckpt = run_training(ECHO_EXACT, tmp, tiny_data, *common, nproc=nproc, run_id=f"p{nproc}")
+        out[nproc] = (log, ckpt)
+    return out
+
+
+def test_exact_two_processes_equal_one_and_the_log_parses(exact, exact_runs):
+    states = {n: exact.load_checkpoint(ckpt / "step_000004.pt")["optimizer"]["muon"]
+              for n, (_, ckpt) in exact_runs.items()}
+    for name, state in states[1].items():
+        assert state["replica_momentum"].shape[0] == 4
+        torch.testing.assert_close(states[2][name]["replica_momentum"], state["replica_momentum"],
+                                   atol=2e-5, rtol=1e-3)
+        torch.testing.assert_close(states[2][name]["replica_momentum"].mean(0), state["momentum_buffer"],
+                                   atol=2e-5, rtol=1e-3)  # the streams average to the baseline's momentum
+    for log, _ in exact_runs.values():
+        run = parse_log(log).runs[0]
+        assert run.finished and run.steps == 4 and all(math.isfinite(v.val_loss) for v in run.validations)
+        assert [line.split()[2] for line in echo_lines(log)] == [f"kind:{k}" for k in KINDS] * 2
+    curves = {n: [v.val_loss for v in parse_log(log).runs[0].validations] for n, (log, _) in exact_runs.items()}
+    assert curves[1] == pytest.approx(curves[2], abs=2e-4) and curves[1][-1] < curves[1][0]
