@@ -652,7 +652,12 @@ def hungarian(cost):
     u, v = np.zeros(k + 1), np.zeros(k + 1)  # potentials of rows and columns; index 0 is a virtual column
     row_of = np.zeros(k + 1, dtype=np.int64)  # row (1-based) matched to column j, 0 = free
     way = np.zeros(k + 1, dtype=np.int64)
-    for i in range(1, k + 1):
+    u[1:] = cost.min(1)  # feasible start: each row's cheapest column is tight; take it where it is free
+    matched = np.zeros(k + 1, dtype=bool)
+    for i, j in enumerate(cost.argmin(1) + 1, 1):
+        if row_of[j] == 0:
+            row_of[j], matched[i] = i, True
+    for i in np.flatnonzero(~matched[1:]) + 1:
         row_of[0], j0 = i, 0
         minv = np.full(k + 1, np.inf)
         used = np.zeros(k + 1, dtype=bool)
