@@ -1,6 +1,7 @@
 """Log parsing (tools/kit/logs.py) on the public reference logs and hand-made ones, and tools/compare."""
 
 import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 REFERENCE = ROOT / "tests" / "data" / "reference_logs"
+BASELINE_SCRIPT = ROOT / "speedruns" / "train_gpt_medium.py"
 
 from kit import logs  # noqa: E402
 
@@ -70,9 +72,13 @@ def test_multi_run_reference_log_yields_every_run():
     assert log.runs[-1].final_val_loss == pytest.approx(3.27784)
 
 
-def made_log(source="print('hi')\n", runs=((4, True),), unit="ms", decimals=4):
-    """A log in our format: source, separator, environment, separator, then the runs."""
-    lines = [source.rstrip("\n"), SEP, "Running Python 3", "variant:baseline world_size:1 run_id:x", SEP]
+def made_log(source="print('hi')\n", runs=((4, True),), unit="ms", decimals=4, settings=None, run_id="x"):
+    """A log in our format: source, separator, environment (with a hyperparameters line when
+    settings are given), separator, then the runs."""
+    lines = [source.rstrip("\n"), SEP, "Running Python 3", f"variant:baseline world_size:1 run_id:{run_id}"]
+    if settings is not None:
+        lines.append("hyperparameters:" + json.dumps({"run_id": run_id, **settings}))
+    lines.append(SEP)
     for total, finished in runs:
         last = total if finished else total - 1
         for step in range(0, last + 1):
@@ -198,3 +204,126 @@ def test_compare_finds_logs_of_a_variant_and_groups_them(tmp_path):
     assert list(group_runs(paths, by_file=True, root=repo)) == ["b1", "b2"]
     with pytest.raises(SystemExit, match="no log of variant polar"):
         resolve_inputs(["polar"], tmp_path / "elsewhere", repo)
+
+
+# ----------------------------------------------------------------------------- identity, settings, formats
+
+
+def test_run_id_variant_and_hyperparameters_from_the_environment():
+    settings = {"muon_lr": 0.011, "num_iterations": 4, "compile": False}
+    log = logs.parse_text(made_log(settings=settings, run_id="r7"), "made.txt")
+    assert (log.run_id, log.variant) == ("r7", "baseline")
+    assert log.hyperparameters == {"run_id": "r7", **settings}
+    assert logs.parse_text(made_log(), "made.txt").hyperparameters is None
+    public = logs.parse_log(REFERENCE / "medium_record8_2025-04-22.txt")
+    assert (public.run_id, public.variant, public.hyperparameters) == (None, None, None)
+    bad = made_log().replace("run_id:x\n", "run_id:x\nhyperparameters:{not json\n")
+    with pytest.raises(logs.LogError, match=r"made.txt:5: the hyperparameters line is not valid JSON"):
+        logs.parse_text(bad, "made.txt")
+
+
+def test_validation_lines_know_their_line_numbers():
+    text = made_log()
+    (run,) = logs.parse_text(text, "made.txt").runs
+    lines = text.splitlines()
+    for v in run.validations:
+        assert lines[v.line - 1].startswith(f"step:{v.step}/4 val_loss:")
+
+
+def test_script_defaults_read_from_the_baseline_source_equal_its_presets(baseline):
+    import dataclasses
+
+    source = BASELINE_SCRIPT.read_text()
+    for preset in baseline.PRESETS:
+        expected = {**dataclasses.asdict(baseline.Hyperparameters()), **baseline.PRESETS[preset], "preset": preset}
+        assert logs.script_defaults(source, preset) == expected
+    assert logs.script_defaults(source, "no_such_preset") is None
+    assert logs.script_defaults("x = 1\n", "cpu") is None
+
+
+def test_format_settings_names_only_non_default_result_fields():
+    defaults = {"muon_lr": 0.025, "seed": 0, "run_id": "", "num_iterations": 200, "preset": "cpu"}
+    run = {"muon_lr": 0.011, "seed": 5, "run_id": "abc", "num_iterations": 2, "preset": "cpu"}
+    assert logs.format_settings(run, defaults) == "preset cpu: muon_lr=0.011, num_iterations=2"
+    assert logs.format_settings(run, defaults, leave_out=("num_iterations",)) == "preset cpu: muon_lr=0.011"
+    assert logs.format_settings({**run, "muon_lr": 0.025, "num_iterations": 200}, defaults) == "preset cpu, defaults"
+    assert logs.settings_differences(run, {**run, "seed": 1, "log_dir": "elsewhere"}) == []
+    assert logs.settings_differences(run, {**run, "muon_lr": 0.02, "extra": 1}) == ["muon_lr", "extra"]
+
+
+def log_2024(source):
+    """The 2024 public layout: a '=' line, the source, '=', environment, '=', steps."""
+    lines = [SEP, source.rstrip("\n"), SEP, "Running pytorch 2.5.0 compiled for CUDA 12.4", "nvidia-smi:", "", SEP]
+    lines += ["step:0/2 val_loss:10.8258 train_time:0ms step_avg:nanms", "step:1/2 train_time:50ms step_avg:nanms"]
+    lines += ["step:2/2 train_time:100ms step_avg:50.00ms"]
+    lines += ["step:2/2 val_loss:7.5000 train_time:100ms step_avg:50.00ms"]
+    return "\n".join(lines) + "\n"
+
+
+def test_2024_format_log_reads_its_source_between_the_first_two_separators():
+    source = "import os\nprint('2024')\n"
+    log = logs.parse_text(log_2024(source), "old.txt")
+    assert log.source == source.rstrip("\n") and log.source_sha256 == logs.source_sha256(source)
+    assert log.source_sha256 != logs.source_sha256("")
+    assert log.environment == ["Running pytorch 2.5.0 compiled for CUDA 12.4", "nvidia-smi:", ""]
+    (run,) = log.runs
+    assert run.finished and run.final_val_loss == 7.5
+
+
+def run_compare(*args):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "compare"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_compare_groups_by_steps_and_settings(tmp_path):
+    from kit.compare import common_step_notes, group_curve, group_runs
+
+    repo = tmp_path / "repo"
+    (repo / "speedruns").mkdir(parents=True)
+    (repo / "speedruns" / "train_gpt_medium.py").write_text("print('baseline')\n")
+    base = {"muon_lr": 0.025, "seed": 0, "num_iterations": 4}
+    texts = {
+        "a4": made_log("print('baseline')\n", runs=((4, True),), settings=base, run_id="a4"),
+        "b4": made_log("print('baseline')\n", runs=((4, True),), settings={**base, "seed": 1}, run_id="b4"),
+        "c6": made_log("print('baseline')\n", runs=((6, True),), settings={**base, "num_iterations": 6}),
+        "lr": made_log("print('baseline')\n", runs=((4, True),), settings={**base, "muon_lr": 0.011}),
+    }
+    for name, text in texts.items():
+        (tmp_path / f"{name}.txt").write_text(text)
+    groups = group_runs([tmp_path / f"{n}.txt" for n in texts], by_file=False, root=repo)
+    assert {k: len(v) for k, v in groups.items()} == {
+        "baseline [4 steps, muon_lr=0.025]": 2,  # seeds 0 and 1 pool
+        "baseline [6 steps, muon_lr=0.025]": 1,
+        "baseline [4 steps, muon_lr=0.011]": 1,
+    }
+    curves = {label: group_curve(runs) for label, runs in groups.items()}
+    assert curves["baseline [6 steps, muon_lr=0.025]"].steps == [0, 3, 6]
+    (note,) = common_step_notes(curves)  # 4-step runs validate at 0, 2, 4; 6-step runs at 0, 3, 6
+    assert "no validation step after step 0 in common" in note
+    assert common_step_notes({k: v for k, v in curves.items() if "4 steps" in k}) == []
+    # runs of one group that share no validation step are named and not plotted
+    V = logs.Validation
+    apart = group_curve([logs.Run(4, 4, validations=[V(1, 9.0, 1)]), logs.Run(4, 4, validations=[V(2, 8.0, 1)])])
+    assert common_step_notes({"g": apart}) == ["note: g: its runs share no validation step; not plotted"]
+
+
+def test_compare_cli_out_folder_notes_and_2024_logs(tmp_path):
+    logs_dir = tmp_path / "logs"
+    logs_dir.mkdir()
+    (logs_dir / "mixed.txt").write_text(made_log(runs=((4, True), (6, True))))  # a 4-step and a 6-step run
+    (logs_dir / "old.txt").write_text(log_2024("print('2024')\n"))
+    out = tmp_path / "figures"
+    out.mkdir()
+    result = run_compare(logs_dir, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "no validation step after step 0 in common" in result.stdout
+    table = {line.split("  ")[0]: line for line in result.stdout.splitlines()[1:4]}
+    assert set(table) == {"mixed [4 steps]", "mixed [6 steps]", "old"}
+    assert " 4 " in table["mixed [4 steps]"] and " 6 " in table["mixed [6 steps]"] and "7.50000" in table["old"]
+    # an --out that cannot be written: one line, no traceback
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run_compare(logs_dir, "--out", blocker / "x.png")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and str(blocker / "x.png") in result.stderr

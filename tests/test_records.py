@@ -316,9 +316,9 @@ def test_submit_refuses_pooling_runs_of_other_settings_and_names_non_defaults(tm
     # a field only one log has is a difference too
     extra = our_log(tmp_path / "extra.txt", base_src, [2.91], muon_lr=0.011, new_knob=1)
     assert "new_knob=1 vs (absent)" in refused([lrs[0], extra, "--name", "x", *common], extra)
-    # run_id, log_dir, checkpoint_dir, checkpoint_every and seed may differ
-    same = [our_log(tmp_path / f"s{i}.txt", base_src, [2.91], muon_lr=0.011, seed=i, log_dir=f"d{i}",
-                    checkpoint_dir=f"c{i}", checkpoint_every=str(i)) for i in range(3)]
+    # run_id, log_dir, checkpoint_dir, checkpoint_every, val_loss_every and seed may differ
+    same = [our_log(tmp_path / f"s{i}.txt", base_src, [2.91 + i / 1000], muon_lr=0.011, seed=i, log_dir=f"d{i}",
+                    checkpoint_dir=f"c{i}", checkpoint_every=str(i), val_loss_every=i) for i in range(3)]
     submit(*same, "--name", "lr0.011", *common)
     (row,) = table_rows(records)
     assert row["settings"] == "preset official: muon_lr=0.011"
@@ -467,7 +467,7 @@ def test_submit_record_on_cpu_preset_runs(tmp_path, capsys, tiny_data):
     # the settings cell: the preset and what differs from its values in the script (SMALL's changes)
     settings = row["settings"]
     assert settings.startswith("preset cpu: ") and "val_tokens=512" in settings and "micro_batches=1" in settings
-    assert "val_loss_every=0" in settings and "muon_lr" not in settings and "seed" not in settings
+    assert "muon_lr" not in settings and "seed" not in settings and "val_loss_every" not in settings
     archive = tmp_path / "records" / f"{DATE}_cpu"
     assert [(archive / p.name).read_bytes() for p in logs_] == [p.read_bytes() for p in logs_]
 

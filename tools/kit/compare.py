@@ -4,14 +4,18 @@ Example: tools/compare baseline polar logs/my_run.txt --out analysis_out/compare
 
 Each argument is a log file, a folder of *.txt logs, or a variant name (its logs are found in
 --log-dir by the source embedded in them). Runs are grouped by the variant their embedded source
-matches (a log without a known source is its own group; --by-file groups by file always). Each
-group is drawn as the mean curve over its runs with a min-max band, at the validation steps all
-its runs share; times are train_time (validation excluded). The table gives each group's final
-figures over its finished runs.
+matches (a log without a known source is its own group; --by-file groups by file always), and
+within that by step count and by settings (the logs' `hyperparameters:` line; run_id, log_dir,
+checkpoint_dir, checkpoint_every, val_loss_every and seed may differ within a group): a group's label names what
+sets it apart from the other groups of its variant, e.g. `baseline [muon_lr=0.011]`. Each group
+is drawn as the mean curve over its runs with a min-max band, at the validation steps all its runs
+share; times are train_time (validation excluded). The table gives each group's final figures
+over its finished runs. --out may be a PNG path or a folder (then FOLDER/compare.png).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -19,7 +23,7 @@ from pathlib import Path
 
 from . import stats, variants
 from .cliutil import atomic_savefig, format_table, make_parser
-from .logs import LogError, Run, expand_log_paths, parse_log
+from .logs import LogError, Run, comparable_settings, expand_log_paths, parse_log
 
 
 @dataclass
@@ -71,22 +75,72 @@ def resolve_inputs(items: list[str], log_dir: Path, root: Path | None = None) ->
     return paths
 
 
+def _settings_key(hyperparameters: dict | None) -> str | None:
+    """Canonical text of the settings that decide results (num_iterations is keyed separately)."""
+    if hyperparameters is None:
+        return None
+    settings = {k: v for k, v in comparable_settings(hyperparameters).items() if k != "num_iterations"}
+    return json.dumps(settings, sort_keys=True)
+
+
+def _distinguishing_labels(keys: list[tuple[str, int, str | None]]) -> dict[tuple, str]:
+    """{(label, steps, settings key): display label}: the label alone when it is the only group of
+    that label, else the label plus what sets the group apart from the others of that label."""
+    names: dict[tuple, str] = {}
+    for label in dict.fromkeys(k[0] for k in keys):
+        mine = [k for k in keys if k[0] == label]
+        if len(mine) == 1:
+            names[mine[0]] = label
+            continue
+        settings = {k: json.loads(k[2]) if k[2] is not None else None for k in mine}
+        known = [s for s in settings.values() if s is not None]
+        fields = list(dict.fromkeys(f for s in known for f in s))
+        varying = [f for f in fields if len({json.dumps(s.get(f), sort_keys=True) for s in known}) > 1]
+        for key in mine:
+            parts = []
+            if len({k[1] for k in mine}) > 1:
+                parts.append(f"{key[1]} steps")
+            if settings[key] is None:
+                if known:  # others of this label have settings; this one's are not in its log
+                    parts.append("settings unknown")
+            else:
+                parts += [f"{f}={json.dumps(settings[key].get(f))}".replace('"', "") for f in varying]
+            names[key] = f"{label} [{', '.join(parts)}]"
+    return names
+
+
 def group_runs(paths: list[Path], by_file: bool, root: Path | None = None) -> dict[str, list[Run]]:
-    """{group label: runs with at least one validation}, in first-seen order."""
+    """{group label: runs with at least one validation}, in first-seen order. A group is one
+    variant (or file with --by-file) at one step count and one set of settings."""
     shas = variants.variant_shas(root)
-    groups: dict[str, list[Run]] = {}
+    groups: dict[tuple[str, int, str | None], list[Run]] = {}
     for path in paths:
         try:
             log = parse_log(path)
         except LogError as err:
             raise SystemExit(f"tools/compare: {err}") from None
         label = path.stem if by_file else shas.get(log.source_sha256 or "", path.stem)
-        runs = [r for r in log.runs if r.validations]
-        if runs:
-            groups.setdefault(label, []).extend(runs)
+        settings = _settings_key(log.hyperparameters)
+        for run in log.runs:
+            if run.validations:
+                groups.setdefault((label, run.num_iterations, settings), []).append(run)
     if not groups:
         raise SystemExit("tools/compare: none of the logs has a validation line")
-    return groups
+    names = _distinguishing_labels(list(groups))
+    return {names[key]: runs for key, runs in groups.items()}
+
+
+def common_step_notes(curves: dict[str, Curve]) -> list[str]:
+    """Notes on groups whose runs share no validation step (not plotted), and on groups that share
+    no validation step with each other but step 0 (the initial loss, the same for all): their
+    curves cannot be compared at any one step of training."""
+    notes = [f"note: {label}: its runs share no validation step; not plotted" for label, c in curves.items()
+             if not c.steps]
+    drawn = {label: set(c.steps) for label, c in curves.items() if c.steps}
+    if len(drawn) > 1 and not set.intersection(*drawn.values()) - {0}:
+        notes.append(f"note: the groups {', '.join(drawn)} have no validation step after step 0 in common "
+                     "(different lengths or validation cadences); compare their curves by shape, not step by step")
+    return notes
 
 
 def summary_rows(groups: dict[str, list[Run]]) -> list[dict[str, str]]:
@@ -160,8 +214,16 @@ def main(argv: list[str] | None = None) -> None:
         paths = resolve_inputs(args.inputs, args.log_dir)
     except LogError as err:
         raise SystemExit(f"tools/compare: {err}") from None
+    out = args.out / "compare.png" if args.out.is_dir() else args.out
     groups = group_runs(paths, args.by_file)
     rows = summary_rows(groups)
     print(format_table(rows, list(rows[0])))
-    plot_groups(args.out, {label: group_curve(runs) for label, runs in groups.items()})
-    print(f"plot: {args.out}")
+    curves = {label: group_curve(runs) for label, runs in groups.items()}
+    for note in common_step_notes(curves):
+        print(note)
+    try:
+        plot_groups(out, curves)
+    except OSError as err:
+        raise SystemExit(f"tools/compare: cannot write the plot {out} ({err.strerror or err}); give --out a "
+                         "writable PNG path or folder") from None
+    print(f"plot: {out}")

@@ -5,7 +5,7 @@ Example: tools/submit_record logs/run_a.txt logs/run_b.txt logs/run_c.txt --name
 Every run in every log is parsed; all must come from one committed variant (the source embedded
 in each log is hashed and matched against speedruns/train_gpt_medium*.py), have the same step
 count and the same settings (the `hyperparameters:` line of each log; only run_id, log_dir,
-checkpoint_dir, checkpoint_every and seed may differ), a finite final validation loss, and a run
+checkpoint_dir, checkpoint_every, val_loss_every and seed may differ), a finite final validation loss, and a run
 id that is neither given twice nor already archived under records/. The final validation losses
 give mean, std and n, the public significance rule (decided exactly on the logged digits) and a
 comparison with the current baseline record: the baseline's runs archived in records/ (the latest
@@ -34,6 +34,7 @@ from pathlib import Path
 from . import stats, variants
 from .cliutil import atomic_write_text, make_parser
 from .logs import (
+    RESULT_NEUTRAL,
     LogError,
     LogFile,
     expand_log_paths,
@@ -83,9 +84,9 @@ def records_header() -> str:
             "- **date**: UTC date of submission. **variant**: the committed script the logs' embedded",
             "  source matches (`baseline` = `speedruns/train_gpt_medium.py`). **steps**: training steps.",
             "- **settings**: the preset and every setting that differs from that preset's value in the",
-            "  script (from each log's `hyperparameters:` line; all runs of a row have the same settings,",
-            "  except run_id, log_dir, checkpoint_dir, checkpoint_every and seed, which cannot change",
-            "  results or are meant to differ between repeated runs).",
+            "  script (from each log's `hyperparameters:` line). The runs of a row may differ only in",
+            f"  {', '.join(RESULT_NEUTRAL)}:",
+            "  these cannot change the final loss or are meant to differ between repeated runs.",
             "- **mean train time**: mean over runs of the final `train_time` (validation excluded).",
             "- **mean val loss (n)**: mean ± sample std of the final validation loss over n runs.",
             "- **significance**: the public speedrun rule (target - mean) * sqrt(n) >= 0.004 (sigma 0.0013),",
