@@ -275,9 +275,161 @@ def test_stiefel_retraction_lands_on_the_manifold(scripts):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# oblique
+
+
+def test_oblique_columns_keep_their_norms(scripts):
+    mod = script(scripts, "oblique")
+    params = preset_params()
+    initial = [p.detach().norm(dim=-2, keepdim=True).clone() for p in params]
+    start = [p.detach().clone() for p in params]
+    muon = run_muon(mod, params, {})
+    for p, c0 in zip(params[:2], initial[:2], strict=True):
+        radius = muon.state[p]["column_radius"]
+        assert torch.equal(radius, c0)
+        rel = (p.detach().norm(dim=-2, keepdim=True) / radius - 1)[radius > 0].abs().max().item()
+        assert rel < 1e-4, (p.shape, rel)
+    assert all(float((p.detach() - p0).norm()) > 0.1 for p, p0 in zip(params, start, strict=True))  # all moved
+    # o and the MLP out start at zero: off the manifold, moved by the baseline's step
+    assert float(params[0].detach()[3].norm()) > 0.1 and float(params[2].detach().norm()) > 0.1
+
+
+def test_oblique_tangent_projection(scripts):
+    mod = script(scripts, "oblique")
+    g = torch.Generator().manual_seed(11)
+    W = torch.randn(48, 32, generator=g, dtype=torch.float64)
+    radius = W.norm(dim=-2, keepdim=True)
+    U = torch.randn(48, 32, generator=g, dtype=torch.float64)
+    T = mod.column_tangent(W, U, radius)
+    torch.testing.assert_close(mod.column_tangent(W, T, radius), T, rtol=0, atol=1e-12)  # idempotent
+    assert float((T * W).sum(-2).abs().max()) < 1e-12  # orthogonal to each column
+    normal = U - T
+    assert float((normal - (normal * W).sum(-2, keepdim=True) / radius**2 * W).abs().max()) < 1e-12
+
+
+def test_oblique_at_the_full_shape(scripts):
+    mod = script(scripts, "oblique")
+    g = torch.Generator().manual_seed(12)
+    W = torch.randn(1024, 4096, generator=g) * 0.01
+    W[:, :1024] = 0.0  # a quarter of the columns start at zero
+    state = {}
+    for _ in range(3):
+        mod.oblique_step_(W, torch.randn(W.shape, generator=g) * 0.01, 0.05, 0.99, state)
+    radius = state["column_radius"]
+    assert float((W[:, 1024:].norm(dim=0) / radius[0, 1024:] - 1).abs().max()) < 1e-4
+    assert float(radius[0, :1024].abs().max()) == 0.0 and float(W[:, :1024].norm()) > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sl
+
+
+def test_sl_keeps_log_abs_det(scripts):
+    mod = script(scripts, "sl")
+    params = preset_params()
+    ld0 = torch.linalg.slogdet(params[0].detach()[:3].double()).logabsdet
+    fc0 = params[1].detach().clone()
+    muon = run_muon(mod, params, {})
+    ld = torch.linalg.slogdet(params[0].detach()[:3].double()).logabsdet
+    assert float(((ld - ld0) / ld0).abs().max()) < 1e-4, (ld, ld0)
+    assert torch.equal(muon.state[params[0]]["log_abs_det"][:3], ld0)
+    assert float((params[0].detach()[:3] - preset_params()[0].detach()[:3]).norm()) > 0.1  # it moved
+    # attention out (zero, det 0) is off the manifold; the MLP matrices are not square: baseline steps
+    assert float(params[0].detach()[3].norm()) > 0.1 and float(params[2].detach().norm()) > 0.1
+    assert "log_abs_det" not in muon.state[params[1]] and float((params[1].detach() - fc0).norm()) > 0.1
+
+
+def test_sl_tangent_projection(scripts):
+    mod = script(scripts, "sl")
+    g = torch.Generator().manual_seed(13)
+    W = torch.randn(3, 40, 40, generator=g, dtype=torch.float64)
+    U = torch.randn(3, 40, 40, generator=g, dtype=torch.float64)
+    T = mod.sl_tangent(W, U)
+    torch.testing.assert_close(mod.sl_tangent(W, T), T, rtol=0, atol=1e-10)  # idempotent
+    trace = torch.linalg.solve(W, T).diagonal(dim1=-2, dim2=-1).sum(-1)  # tr(W^-1 T) = 0: tangent
+    assert float(trace.abs().max()) < 1e-10
+    normal = U - T  # what it removes is along W^-T
+    inv_t = torch.linalg.inv(W).mT
+    coef = (normal * inv_t).sum((-2, -1), keepdim=True) / inv_t.square().sum((-2, -1), keepdim=True)
+    torch.testing.assert_close(normal, coef * inv_t, rtol=0, atol=1e-10)
+
+
+def test_sl_at_the_full_square_shape(scripts):
+    mod = script(scripts, "sl")
+    g = torch.Generator().manual_seed(14)
+    bound = math.sqrt(3) * 0.5 / math.sqrt(1024)
+    W = (torch.rand(2, 1024, 1024, generator=g) * 2 - 1) * bound
+    W[1] = 0.0
+    ld0 = torch.linalg.slogdet(W[0].double()).logabsdet
+    state = {}
+    for _ in range(3):
+        mod.sl_step_(W, torch.randn(W.shape, generator=g) / 32, 0.05, 0.99, state)
+    ld = torch.linalg.slogdet(W[0].double()).logabsdet
+    assert abs(float((ld - ld0) / ld0)) < 1e-4 and float(W[1].norm()) > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# block_stiefel
+
+HEADS = 2  # the CPU preset's num_heads
+
+
+def test_block_stiefel_head_blocks_round_trip(scripts):
+    mod = script(scripts, "block_stiefel")
+    W = torch.randn(4, DIM, DIM, generator=torch.Generator().manual_seed(15))
+    B = mod.head_blocks(W, HEADS)
+    hd = DIM // HEADS
+    assert B.shape == (4, HEADS, hd, DIM)
+    torch.testing.assert_close(B[1, 1], W[1, hd:])  # head 1 of k: its output rows
+    torch.testing.assert_close(B[3, 0], W[3][:, :hd].mT)  # head 0 of o: the columns that read it
+    assert torch.equal(mod.from_head_blocks(B), W)
+
+
+def test_block_stiefel_head_blocks_stay_on_the_manifold(scripts):
+    mod = script(scripts, "block_stiefel")
+    params = preset_params()
+    with torch.no_grad():
+        params[0].copy_(mod.head_block_project(params[0], HEADS))
+    fc0 = params[1].detach().clone()
+    assert float(params[0].detach()[3].norm()) == 0
+    run_muon(mod, params, {"heads": HEADS})
+    blocks = mod.head_blocks(params[0].detach(), HEADS)
+    for block in blocks[:3].flatten(0, 1):
+        err = gram_error(block, mod.HEAD_BLOCK_SCALE)
+        assert err < 1e-4, err
+    # the whole matrices are not orthogonal (only their head blocks are)
+    assert gram_error(params[0].detach()[0], mod.HEAD_BLOCK_SCALE) > 1e-2
+    assert float(params[0].detach()[3].norm()) > 0.1 and float((params[1].detach() - fc0).norm()) > 0.1
+
+
+def test_block_stiefel_tangent_projection(scripts):
+    mod = script(scripts, "block_stiefel")
+    g = torch.Generator().manual_seed(16)
+    Q, _ = torch.linalg.qr(torch.randn(2, DIM, DIM // HEADS, generator=g, dtype=torch.float64))
+    X = Q.mT  # wide, orthonormal rows
+    A = torch.randn(X.shape, generator=g, dtype=torch.float64)
+    T = mod.wide_stiefel_tangent(X, A)
+    torch.testing.assert_close(mod.wide_stiefel_tangent(X, T), T, rtol=0, atol=1e-12)  # idempotent
+    assert float((T @ X.mT + X @ T.mT).abs().max()) < 1e-12  # tangent
+    S = torch.randn(2, DIM // HEADS, DIM // HEADS, generator=g, dtype=torch.float64)
+    assert float((T * ((S + S.mT) @ X)).sum((-2, -1)).abs().max()) < 1e-10  # orthogonal to the normal space
+
+
+def test_block_stiefel_build_optimizers_projects_the_heads(scripts):
+    mod = script(scripts, "block_stiefel")
+    args = mod.parse_args(["--preset=cpu"])
+    model = mod.GPT(args)
+    mod.build_optimizers(model, args, 0, 1)
+    blocks = mod.head_blocks(model.blocks[0].attn.qkvo_w.detach(), args.num_heads)
+    for block in blocks[:3].flatten(0, 1):
+        assert gram_error(block, mod.HEAD_BLOCK_SCALE) < 1e-5
+    assert float(blocks[3].norm()) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
 # each variant: short CPU-preset runs end finite, and 2 processes equal 1 process accumulating 2 micro-batches
 
-GEOMETRY_VARIANTS = ["sphere", "stiefel"]
+GEOMETRY_VARIANTS = ["sphere", "stiefel", "oblique", "block_stiefel", "sl"]
 RUN_STEPS = 6
 
 # Runs every variant's main() in one launch (one torch import and, under torchrun, one process group for
