@@ -43,7 +43,7 @@ class Hyperparameters:
     val_files: str = "data/fineweb10B/fineweb_val_*.bin"
     val_tokens: int = 10_485_760  # validation tokens, the same at every evaluation
     train_seq_len: int = 64 * 1024  # tokens in one micro-batch
-    val_seq_len: int = 64 * 1024
+    val_seq_len: int = 4 * 64 * 1024  # record #8 validates 40 sequences of 262,144 tokens
     micro_batches: int = 8  # micro-batches per step, split over the processes (the rest is accumulation)
     # model
     vocab_size: int = 50257
@@ -100,6 +100,28 @@ PRESETS = {
         muon_momentum_warmup_steps=10,
         val_loss_every=25,
         checkpoint_every="100",
+        warmup_steps=0,
+        device="cpu",
+        compile=False,
+    ),
+    # The optimizer benchmark (tools/bench): Shakespeare as shuffled bytes (tools/prepare_tiny_data), a
+    # 64-wide model, a run of about a minute on one CPU thread that learns well below the bigram entropy.
+    "bench": dict(
+        train_files="data/tiny/bytes_train_*.bin",
+        val_files="data/tiny/bytes_val_*.bin",
+        vocab_size=256,
+        val_tokens=64 * 256,
+        train_seq_len=256,
+        val_seq_len=256,
+        micro_batches=4,
+        model_dim=64,
+        num_heads=2,
+        attn_block_size=16,
+        max_window=256,
+        num_iterations=150,
+        muon_momentum_warmup_steps=10,
+        val_loss_every=50,
+        checkpoint_every="",
         warmup_steps=0,
         device="cpu",
         compile=False,
@@ -273,17 +295,37 @@ def dense_attention_mask(docs, window_blocks, block_size):
 
 
 def flex_block_mask(docs, window_blocks, block_size):
-    """The same mask as dense_attention_mask, as a FlexAttention BlockMask (CUDA path)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    """The same mask as dense_attention_mask, as a FlexAttention BlockMask (CUDA path).
 
-    window = torch.tensor(window_blocks, device=docs.device)  # a tensor, so a new size does not recompile
-
-    def mask_mod(b, h, q, k):
-        return (k <= q) & (docs[q] == docs[k]) & ((q // block_size - k // block_size) < window)
+    Built from block-level comparisons only ([T/bs, T/bs], never [T, T]), so it is cheap enough to build
+    inside the compiled forward. A key block is *full* when every query of the query block may see every
+    key of it (earlier block, one document throughout both), *partial* when some may (its tokens are then
+    masked by mask_mod); the window is whole blocks, so on the GPU it only decides which blocks are listed.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
 
     T = docs.numel()
-    return create_block_mask(mask_mod, None, None, T, T, device=docs.device, BLOCK_SIZE=block_size,
-                             _compile=docs.is_cuda)
+    if T % block_size:
+        raise SystemExit(f"error: sequence length {T} is not a multiple of --attn_block_size={block_size}")
+    first, last = docs.view(-1, block_size)[:, 0], docs.view(-1, block_size)[:, -1]  # document range per block
+    blocks = torch.arange(T // block_size, device=docs.device)
+    q, k = blocks[:, None], blocks[None, :]
+    in_window = (k <= q) & (q - k < window_blocks)
+    any_same_doc = (first[:, None] <= last[None, :]) & (last[:, None] >= first[None, :])
+    all_same_doc = (first[:, None] == last[None, :]) & (last[:, None] == first[None, :])
+    full = in_window & (k < q) & all_same_doc
+    partial = in_window & any_same_doc & ~full
+
+    def listed(blockmask):  # [nq, nk] bool -> counts [1, 1, nq], key block indices [1, 1, nq, nk] (listed first)
+        counts = blockmask.sum(dim=-1, dtype=torch.int32)
+        order = blockmask.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts[None, None].contiguous(), order[None, None].contiguous()
+
+    def mask_mod(b, h, q_idx, kv_idx):  # the token-level mask (eager FlexAttention applies it everywhere)
+        near = q_idx // block_size - kv_idx // block_size < window_blocks
+        return (kv_idx <= q_idx) & (docs[q_idx] == docs[kv_idx]) & near
+
+    return BlockMask.from_kv_blocks(*listed(partial), *listed(full), BLOCK_SIZE=block_size, mask_mod=mask_mod)
 
 
 def attend(q, k, v, mask):
@@ -382,11 +424,14 @@ class GPT(nn.Module):
         return s[: 2 * L].view(L, 2), s[2 * L : 4 * L].view(L, 2), s[4 * L : 5 * L]
 
     def attention_masks(self, input_seq, window_blocks):
-        """Masks for the long and the short window (the short one is half as many blocks)."""
+        """Masks for the long and the short window (the short one is half as many blocks).
+
+        window_blocks is an int or a 0-dim tensor (a tensor, so that a new size does not recompile)."""
         docs = document_ids(input_seq)
         build = flex_block_mask if input_seq.is_cuda else dense_attention_mask
         bs = self.args.attn_block_size
-        return {"long": build(docs, max(window_blocks, 1), bs), "short": build(docs, max(window_blocks // 2, 1), bs)}
+        window = torch.as_tensor(window_blocks, device=input_seq.device)
+        return {"long": build(docs, window.clamp(min=1), bs), "short": build(docs, (window // 2).clamp(min=1), bs)}
 
     def loss(self, input_seq, target_seq, masks):
         mix, value_lambdas, skip_weights = self.scalar_views()
@@ -400,11 +445,12 @@ class GPT(nn.Module):
             mask = masks["long" if i in LONG_WINDOW_LAYERS else "short"]
             x = block(x, x0, ve, mix[i], value_lambdas[i], mask)
             outputs.append(x)
-        logits = F.linear(norm(x).float(), self.lm_head.weight.float())
+        dtype = torch.bfloat16 if x.is_cuda else torch.float32  # record #8: a bf16 head GEMM on the GPU
+        logits = F.linear(norm(x).to(dtype), self.lm_head.weight.to(dtype)).float()
         logits = LOGIT_SOFTCAP * logits / torch.sqrt(logits.square() + LOGIT_SOFTCAP**2)
         return F.cross_entropy(logits, target_seq)
 
-    def forward(self, input_seq, target_seq, window_blocks):
+    def forward(self, input_seq, target_seq, window_blocks):  # compiled on CUDA, masks included
         return self.loss(input_seq, target_seq, self.attention_masks(input_seq, window_blocks))
 
 
@@ -413,6 +459,12 @@ def window_blocks(step, args):
     x = step / args.num_iterations
     tokens = args.max_window * (4 * x**3 - 6 * x**2 + 3 * x)
     return max(1, math.ceil(round(tokens, 6) / args.attn_block_size))
+
+
+def window_tensor(step, args, device):
+    """window_blocks as a 0-dim tensor on the device, copied without waiting for the GPU."""
+    window = torch.tensor(window_blocks(step, args), dtype=torch.int32)
+    return window.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else window
 
 
 def muon_param_groups(model):
@@ -567,6 +619,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
+        gathers = []  # asynchronous: each all-gather overlaps the updates that follow it
         for group in self.param_groups:
             params = group["params"]
             for base in range(0, len(params), self.world_size):
@@ -576,8 +629,10 @@ class Muon(torch.optim.Optimizer):
                 if self.world_size > 1:
                     chunk = [params[i] if i < len(params) else torch.empty_like(params[base])
                              for i in range(base, base + self.world_size)]
-                    src = chunk[self.rank]
-                    dist.all_gather([t.data for t in chunk], src.data.clone())
+                    src = chunk[self.rank].data.clone()
+                    gathers.append((dist.all_gather([t.data for t in chunk], src, async_op=True), src))
+        for handle, _ in gathers:
+            handle.wait()
 
 
 # -----------------------------------------------------------------------------
@@ -755,7 +810,7 @@ _VAL_TOKENS = {}
 
 
 @torch.no_grad()
-def evaluate(model_loss, model, args, step, rank, world_size, device):
+def evaluate(model_forward, args, step, rank, world_size, device):
     """Mean loss over val_tokens from the start of the validation shards (the same tokens every time)."""
     if args.val_files not in _VAL_TOKENS:
         _VAL_TOKENS[args.val_files] = torch.cat([read_shard(f) for f in find_files(args.val_files)])
@@ -764,24 +819,25 @@ def evaluate(model_loss, model, args, step, rank, world_size, device):
     if num_seqs % world_size or num_seqs * args.val_seq_len + 1 > len(tokens):
         raise SystemExit(f"error: --val_tokens={args.val_tokens} must be a multiple of val_seq_len x processes "
                          f"and fit in the {len(tokens)} validation tokens of {args.val_files}")
-    wb = window_blocks(step, args)
+    window = window_tensor(step, args, device)
     total = torch.zeros((), device=device)
     for i in range(rank, num_seqs, world_size):
         buf = tokens[i * args.val_seq_len : (i + 1) * args.val_seq_len + 1].to(device).long()
-        total += model_loss(buf[:-1], buf[1:], model.attention_masks(buf[:-1], wb)).float()
+        total += model_forward(buf[:-1], buf[1:], window).float()
     if world_size > 1:
         dist.all_reduce(total)
     return (total / num_seqs).item()
 
 
-def train_step(model_loss, model, loader, optimizers, args, step, world_size, device):
-    """One optimizer step on the global batch. -> the mean training loss of this process's micro-batches."""
+def train_step(model_forward, model, loader, optimizers, args, step, world_size, device):
+    """One optimizer step on the global batch. -> the mean training loss of this process's micro-batches
+    (a device tensor: reading it would make the host wait for the GPU)."""
     muon, adam = optimizers
-    wb = window_blocks(step, args)
+    window = window_tensor(step, args, device)
     step_loss = torch.zeros((), device=device)
     for inputs, targets in loader.next_step():
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        loss = model_loss(inputs, targets, model.attention_masks(inputs, wb))
+        loss = model_forward(inputs, targets, window)
         (loss / args.micro_batches).backward()
         step_loss += loss.detach()
     all_reduce_grads(model, world_size)
@@ -794,11 +850,16 @@ def train_step(model_loss, model, loader, optimizers, args, step, world_size, de
     muon.step()
     adam.step()
     model.zero_grad(set_to_none=True)
-    step_loss /= loader.accum
-    if world_size > 1:  # every process must see the same loss to stop together on a NaN
-        dist.all_reduce(step_loss)
-        step_loss /= world_size
-    return step_loss
+    return step_loss / loader.accum
+
+
+def first_nonfinite_step(bad_step, world_size, T):
+    """The first step whose training loss was not finite on any process, or None (a host sync: call it
+    only where the clock is paused)."""
+    if world_size > 1:
+        dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+    step = int(bad_step.item())
+    return step if step <= T else None
 
 
 def print_help():
@@ -809,6 +870,7 @@ def print_help():
 
 
 def main(argv=None):
+    global orthogonalize
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         return print_help()
@@ -825,20 +887,25 @@ def main(argv=None):
     log = Logger(log_path, rank == 0)
     for line in environment_lines(device, world_size, run_id, args):
         log(line, echo=False)
+    log("clock: train_time counts everything but validation and checkpoint writing (record #8 writes no "
+        "checkpoints)", echo=False)
     log("=" * 100, echo=False)
     if rank == 0:
         print(f"logging to {log_path}", flush=True)
 
     model = GPT(args).to(device)
-    if device.type == "cuda":
-        model.bfloat16()
-        model.lm_head.float()
-        model.scalars.data = model.scalars.data.float()
+    if device.type == "cuda":  # bf16 block matrices and embeddings; the head, the scalars and RoPE stay fp32
+        for p in model.parameters():
+            if p is not model.lm_head.weight and p is not model.scalars:
+                p.data = p.data.bfloat16()
     for p in model.parameters():  # every process starts from rank 0's weights
         if world_size > 1:
             dist.broadcast(p.data, 0)
     muon, adam = build_optimizers(model, args, rank, world_size)
-    model_loss = torch.compile(model.loss, dynamic=False) if args.compile and device.type == "cuda" else model.loss
+    model_forward = model
+    if args.compile and device.type == "cuda":
+        model_forward = torch.compile(model, dynamic=False)
+        orthogonalize = torch.compile(orthogonalize)  # record #8 compiles its Newton-Schulz iteration
     loader = TrainLoader(args.train_files, args.train_seq_len, args.micro_batches, rank, world_size)
     save_at = checkpoint_steps(args.checkpoint_every, args.num_iterations)
 
@@ -846,19 +913,34 @@ def main(argv=None):
         initial = [{k: v.clone() for k, v in model.state_dict().items()},
                    [dict(o.state_dict()) for o in (muon, adam)]]
         for step in range(args.warmup_steps):
-            train_step(model_loss, model, loader, (muon, adam), args, step, world_size, device)
+            train_step(model_forward, model, loader, (muon, adam), args, step, world_size, device)
         model.load_state_dict(initial[0])
         muon.state.clear()
         adam.load_state_dict(initial[1][1])
         loader.reset()
 
-    train_time_ms, val_loss = 0.0, None
+    # The clock runs continuously and pauses only for validation and checkpoints, as in record #8; the
+    # step lines read it without waiting for the GPU, so they may run slightly ahead of the GPU's work.
     T = args.num_iterations
+    train_time_ms, val_loss = 0.0, None
+    bad_step = torch.full((), T + 1, dtype=torch.long, device=device)  # first step with a non-finite loss
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
     for step in range(T + 1):
         last = step == T
-        if last or (args.val_loss_every and step % args.val_loss_every == 0):
+        validate = last or (args.val_loss_every and step % args.val_loss_every == 0)
+        pause = validate or step in save_at
+        if pause:
+            sync()
+            train_time_ms += 1000 * (time.perf_counter() - t0)
+        if validate:
+            bad = first_nonfinite_step(bad_step, world_size, T)
+            if bad is not None:
+                raise SystemExit(f"error: training loss became non-finite at step {bad}; lower the learning "
+                                 "rates or check the data")
             model.eval()
-            val_loss = evaluate(model_loss, model, args, step, rank, world_size, device)
+            val_loss = evaluate(model_forward, args, step, rank, world_size, device)
             model.train()
             log(f"step:{step}/{T} val_loss:{val_loss:.6f} train_time:{train_time_ms:.0f}ms "
                 f"step_avg:{train_time_ms / max(step, 1):.2f}ms")
@@ -868,17 +950,13 @@ def main(argv=None):
             log(f"checkpoint:{path}", echo=False)
         if last:
             break
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = train_step(model_loss, model, loader, (muon, adam), args, step, world_size, device)
-        if not torch.isfinite(loss).item():
-            raise SystemExit(f"error: training loss became {loss.item()} at step {step + 1}; lower the learning "
-                             "rates or check the data")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_time_ms += 1000 * (time.perf_counter() - t0)
-        log(f"step:{step + 1}/{T} train_time:{train_time_ms:.0f}ms step_avg:{train_time_ms / (step + 1):.2f}ms")
+        if pause:
+            sync()
+            t0 = time.perf_counter()
+        loss = train_step(model_forward, model, loader, (muon, adam), args, step, world_size, device)
+        bad_step = torch.where(torch.isfinite(loss) | (bad_step <= T), bad_step, step + 1)
+        approx_ms = train_time_ms + 1000 * (time.perf_counter() - t0)
+        log(f"step:{step + 1}/{T} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / (step + 1):.2f}ms")
 
     if device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
