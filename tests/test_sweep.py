@@ -2,7 +2,11 @@
 
 import csv
 import math
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +31,7 @@ class FakeTrainer:
         self.calls = []
         self.interrupt_on_call = interrupt_on_call
 
-    def __call__(self, cmd, cwd, stdout_path):
+    def __call__(self, cmd, cwd, stdout_path, lock_fd=None):
         self.calls.append(cmd)
         log = Path(option(cmd, "log_dir")) / f"{option(cmd, 'run_id')}.txt"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +114,158 @@ def test_sweep_commands(tmp_path):
     assert cmd[:4] == ["torchrun", "--standalone", "--nproc_per_node=8", "/r/speedruns/train_gpt_medium_polar.py"]
     log_dir = tmp_path / "logs"
     assert cmd[4:] == [f"--run_id={points[1].run_id}", f"--log_dir={log_dir}", "--preset=cpu", "--muon_lr=0.02"]
+
+
+# ----------------------------------------------------------------------------- a real training process
+
+FAKE_TRAINER = """\"\"\"Stands in for a training script: writes a log step by step (FAKE_STEP_SECONDS apart), prints
+its pid; on SIGTERM or SIGINT it takes 0.5 s to clean up, writes 'stopped by signal N' and exits.\"\"\"
+import dataclasses
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+SEP = "=" * 100
+
+
+@dataclasses.dataclass
+class Hyperparameters:
+    num_iterations: int = 200
+    muon_lr: float = 0.02
+    run_id: str = ""
+    log_dir: str = "logs"
+
+
+def main():
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+    log = Path(args["log_dir"]) / (args["run_id"] + ".txt")
+    log.parent.mkdir(parents=True, exist_ok=True)
+
+    def stop(signum, frame):
+        time.sleep(0.5)
+        with open(log, "a") as f:
+            f.write(f"stopped by signal {signum}\\n")
+        sys.exit(1)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    total = int(args["num_iterations"])
+    with open(log, "w") as f:
+        f.write(f"src\\n{SEP}\\nenv\\n{SEP}\\nstep:0/{total} val_loss:10.0 train_time:0ms step_avg:0.00ms\\n")
+    print(f"pid:{os.getpid()}", flush=True)
+    for step in range(1, total + 1):
+        time.sleep(float(os.environ.get("FAKE_STEP_SECONDS", "0.1")))
+        with open(log, "a") as f:
+            f.write(f"step:{step}/{total} train_time:{step}ms step_avg:1.00ms\\n")
+    with open(log, "a") as f:
+        f.write(f"step:{total}/{total} val_loss:3.0 train_time:{total}ms step_avg:1.00ms\\n")
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class RealSweep:
+    """tools/sweep (kit.sweep.main) in a subprocess, on a repository whose baseline is FAKE_TRAINER."""
+
+    def __init__(self, tmp_path):
+        self.repo = tmp_path / "repo"
+        (self.repo / "speedruns").mkdir(parents=True, exist_ok=True)
+        (self.repo / "speedruns" / "train_gpt_medium.py").write_text(FAKE_TRAINER)
+        self.out = tmp_path / "out"
+        self.pids = []
+
+    def command(self):
+        argv = ["baseline", "--lr=0.02", "--num_iterations=200", f"--out={self.out}"]
+        code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); from kit import sweep; "
+                f"from pathlib import Path; sweep.main({argv!r}, root=Path({str(self.repo)!r}))")
+        return [sys.executable, "-c", code]
+
+    def start(self, **env):
+        proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **env})
+        self.pids.append(proc.pid)
+        return proc
+
+    def run(self, **env):
+        return subprocess.run(self.command(), capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+
+    def child_pid(self, timeout=60):
+        """The training process's pid, once it has started and written a few steps."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for path in (self.out / "stdout").glob("*.txt") if (self.out / "stdout").is_dir() else []:
+                text = path.read_text()
+                log = self.out / "logs" / path.name
+                if text.startswith("pid:") and log.exists() and "step:2/" in log.read_text():
+                    pid = int(text.split()[0][4:])
+                    self.pids.append(pid)
+                    return pid
+            time.sleep(0.05)
+        raise AssertionError("the training process did not start")
+
+    def log_text(self):
+        (log,) = (self.out / "logs").glob("*.txt")
+        return log.read_text()
+
+    def cleanup(self):
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def real_sweep(tmp_path):
+    sweep_ = RealSweep(tmp_path)
+    yield sweep_
+    sweep_.cleanup()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_sweep_stops_its_training_run_and_waits_for_it(real_sweep, signum):
+    proc = real_sweep.start()
+    child = real_sweep.child_pid()
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert not alive(child)  # the sweep exits only after its training run has
+    assert f"stopped by signal {int(signum)}" in real_sweep.log_text()  # it got the signal and cleaned up
+    assert proc.returncode == 128 + signum
+    assert "Traceback" not in err and "rerun the same command to resume" in err.splitlines()[-1]
+
+
+def test_no_resume_while_a_training_run_of_a_killed_sweep_is_alive(real_sweep):
+    proc = real_sweep.start()
+    child = real_sweep.child_pid()
+    proc.kill()  # SIGKILL: nothing is passed on; the training run lives on
+    proc.wait(timeout=30)
+    assert alive(child)
+    before = real_sweep.log_text()
+    refused = real_sweep.run(FAKE_STEP_SECONDS="0.001")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    message = refused.stderr.strip()
+    assert "\n" not in message and "still running" in message and f"pid {child}" in message
+    assert not list((real_sweep.out / "logs").glob("*.partial"))  # the live run's log was left alone
+    assert real_sweep.log_text().startswith(before)  # one writer: the log only grew
+    os.kill(child, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    resumed = real_sweep.run(FAKE_STEP_SECONDS="0.001")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "val_loss:3.0" in real_sweep.log_text() and len(list((real_sweep.out / "logs").glob("*.partial"))) == 1
 
 
 def test_bench_mean_curve_target_and_ratio():

@@ -17,18 +17,29 @@ a finished run (a validation at step T/T) is not run again; an interrupted one i
 partial log is kept as ID.txt.partial). Results: OUT/sweep.csv, OUT/sweep.png (final val loss
 against each swept value) and a printed table. OUT defaults to sweeps/<variant>_<fields>.
 Set OMP_NUM_THREADS=1 when several runs share few cores (--parallel).
+
+Stopping: Ctrl-C (SIGINT) or SIGTERM is passed on to the running training processes, and the sweep
+waits for them to exit before it stops (a second signal kills them); rerun the same command to
+resume. Each running point holds a lock on OUT/logs/ID.lock (inherited by its training process, so
+it stays held while that process lives even if the sweep itself was killed): a point whose lock is
+held is never started again, and the sweep refuses to resume while one is. OUT/sweep.lock keeps two
+sweeps out of one OUT.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import importlib.util
 import itertools
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -56,14 +67,128 @@ class Point:
     run: Run | None = None
 
 
-Runner = Callable[[list[str], Path, Path], int]
+Runner = Callable[[list[str], Path, Path, int | None], int]
 
 
-def subprocess_runner(cmd: list[str], cwd: Path, stdout_path: Path) -> int:
-    """Run cmd in cwd with stdout and stderr to stdout_path; return its exit status."""
+class Interrupted(SystemExit):
+    """The sweep was stopped by a signal after its training processes exited; code 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+class _Children:
+    """The training processes running now, so that a signal can be passed on to them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()  # the signal handler may run while the main thread holds it
+        self.procs: set[subprocess.Popen] = set()
+        self.signum: int | None = None
+
+    def reset(self) -> None:
+        with self.lock:
+            self.signum = None
+
+    def add(self, proc: subprocess.Popen) -> None:
+        with self.lock:
+            self.procs.add(proc)
+            stopping = self.signum
+        if stopping is not None:  # started just as the signal came: stop it too
+            _signal_group(proc, stopping)
+
+    def discard(self, proc: subprocess.Popen) -> None:
+        with self.lock:
+            self.procs.discard(proc)
+
+    def stop(self, signum: int) -> None:
+        """Signal handler: pass the first signal on to every child, SIGKILL them on the second."""
+        with self.lock:
+            again = self.signum is not None
+            self.signum = signum if self.signum is None else self.signum
+            procs = list(self.procs)
+        send = signal.SIGKILL if again else signum
+        for proc in procs:
+            _signal_group(proc, send)
+        name = signal.Signals(signum).name
+        if again:
+            message = f"tools/sweep: {name} again: killed {len(procs)} training run(s)\n"
+        else:
+            message = (f"tools/sweep: {name}: passed on to {len(procs)} training run(s); waiting for them to "
+                       "exit (signal again to kill them)\n")
+        os.write(2, message.encode())  # not print: this may interrupt a print in the main thread
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    """Signal the child's process group (it leads its own session: torchrun's workers are in it)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signum)
+
+
+CHILDREN = _Children()
+
+
+@contextlib.contextmanager
+def forwarding_signals():
+    """While inside, SIGINT and SIGTERM go to CHILDREN.stop (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: CHILDREN.stop(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def subprocess_runner(cmd: list[str], cwd: Path, stdout_path: Path, lock_fd: int | None = None) -> int:
+    """Run cmd in cwd, in a session of its own, with stdout and stderr to stdout_path; return its
+    exit status. lock_fd (an flock'd file) is inherited by the child and gets the child's pid."""
     stdout_path.parent.mkdir(parents=True, exist_ok=True)
+    keep = (lock_fd,) if lock_fd is not None else ()
     with open(stdout_path, "w", encoding="utf-8") as out:
-        return subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                pass_fds=keep)
+    CHILDREN.add(proc)
+    try:
+        if lock_fd is not None:
+            os.ftruncate(lock_fd, 0)
+            os.pwrite(lock_fd, f"{proc.pid}\n".encode(), 0)
+        return proc.wait()
+    finally:
+        CHILDREN.discard(proc)
+
+
+def lock_path(point: Point) -> Path:
+    return point.log_path.with_name(point.run_id + ".lock")
+
+
+def try_lock(path: Path) -> int | None:
+    """An fd holding an exclusive flock on path (created if needed), or None when another process
+    (a training run still alive, or another sweep) holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def holder(path: Path) -> str | None:
+    """'pid N' (or 'a process') when path exists and is locked by another process, else None."""
+    if not path.exists():
+        return None
+    fd = try_lock(path)
+    if fd is not None:
+        os.close(fd)
+        return None
+    pid = path.read_text(encoding="utf-8", errors="replace").strip()
+    return f"pid {pid}" if pid.isdigit() else "a process"
 
 
 def finished_run(log_path: Path) -> Run | None:
@@ -77,11 +202,27 @@ def finished_run(log_path: Path) -> Run | None:
     return runs[-1] if runs else None
 
 
+def refuse_if_running(points: list[Point]) -> None:
+    """SystemExit (one line) when a point's training process is still alive (its lock is held)."""
+    for point in points:
+        who = holder(lock_path(point))
+        if who is not None:
+            pid = who.removeprefix("pid ")
+            advice = f"wait for it or stop it (kill {pid})" if pid.isdigit() else "wait for it or stop it"
+            raise SystemExit(
+                f"tools/sweep: refused to resume: run {point.run_id} is still running ({who}, lock {lock_path(point)}; "
+                f"log {point.log_path}); {advice}, then rerun"
+            )
+
+
 def run_points(
     points: list[Point], cwd: Path, parallel: int = 1, runner: Runner = subprocess_runner, dry_run: bool = False
 ) -> list[Point]:
     """Run every point whose log has no finished run (resume), `parallel` at a time, printing progress.
-    Sets each point's status ('done', 'resumed', 'failed (...)', 'dry run') and run."""
+    Sets each point's status ('done', 'resumed', 'failed (...)', 'dry run', 'not run (stopped)') and run.
+    Refuses (SystemExit) while a point's training process from an earlier sweep is alive. SIGINT and
+    SIGTERM are passed on to the running training processes; once they have exited, Interrupted is
+    raised."""
     todo = []
     for point in points:
         point.run = finished_run(point.log_path)
@@ -90,23 +231,39 @@ def run_points(
             print(f"skip {point.run_id}: finished log {point.log_path}", flush=True)
         else:
             todo.append(point)
+    refuse_if_running(todo)
     if dry_run:
         for point in todo:
             point.status = "dry run"
             print("would run: " + " ".join(point.cmd))
         return points
     total = len(todo)
+    CHILDREN.reset()
 
     def work(item: tuple[int, Point]) -> None:
         index, point = item
-        if point.log_path.exists():
-            os.replace(point.log_path, point.log_path.with_name(point.log_path.name + ".partial"))
-        print(f"[{index}/{total}] start {point.run_id}", flush=True)
-        started = time.monotonic()
-        rc = runner(point.cmd, cwd, point.stdout_path)
+        if CHILDREN.signum is not None:
+            point.status = "not run (stopped)"
+            return
+        fd = try_lock(lock_path(point))
+        if fd is None:
+            point.status = f"not run (locked: {holder(lock_path(point))})"
+            print(f"[{index}/{total}] SKIP {point.run_id}: another process holds {lock_path(point)}", flush=True)
+            return
+        try:
+            if point.log_path.exists():
+                os.replace(point.log_path, point.log_path.with_name(point.log_path.name + ".partial"))
+            print(f"[{index}/{total}] start {point.run_id}", flush=True)
+            started = time.monotonic()
+            rc = runner(point.cmd, cwd, point.stdout_path, fd)
+        finally:
+            os.close(fd)
         point.run = finished_run(point.log_path)
         elapsed = time.monotonic() - started
-        if point.run is None:
+        if point.run is None and CHILDREN.signum is not None:
+            point.status = "stopped"
+            print(f"[{index}/{total}] stopped {point.run_id} after {elapsed:.0f}s (exit {rc})", flush=True)
+        elif point.run is None:
             point.status = f"failed (exit {rc}; see {point.stdout_path})"
             print(f"[{index}/{total}] FAILED {point.run_id} after {elapsed:.0f}s: exit {rc}, see {point.stdout_path}")
         else:
@@ -116,12 +273,15 @@ def run_points(
                 flush=True,
             )
 
-    if parallel <= 1:
-        for item in enumerate(todo, 1):
-            work(item)
-    else:
-        with ThreadPoolExecutor(max_workers=parallel) as pool:
-            list(pool.map(work, enumerate(todo, 1)))
+    with forwarding_signals():
+        if parallel <= 1:
+            for item in enumerate(todo, 1):
+                work(item)
+        else:
+            with ThreadPoolExecutor(max_workers=parallel) as pool:
+                list(pool.map(work, enumerate(todo, 1)))
+    if CHILDREN.signum is not None:
+        raise Interrupted(CHILDREN.signum)
     return points
 
 
@@ -356,7 +516,16 @@ def run_sweep(spec: SweepSpec, runner: Runner = subprocess_runner, root: Path | 
     out = (spec.out or root / "sweeps" / f"{spec.variant}_{'_'.join(fields)}").resolve()
     points = make_points(spec, script, out)
     print(f"sweep of {spec.variant}: {len(points)} point(s) over {', '.join(fields)}; output in {out}", flush=True)
-    run_points(points, root, spec.parallel, runner, spec.dry_run)
+    with contextlib.ExitStack() as stack:
+        if not spec.dry_run:
+            sweep_lock = out / "sweep.lock"
+            fd = try_lock(sweep_lock)
+            if fd is None:
+                raise SystemExit(f"tools/sweep: another tools/sweep is using {out} (lock {sweep_lock}); wait for it")
+            stack.callback(os.close, fd)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        run_points(points, root, spec.parallel, runner, spec.dry_run)
     if spec.dry_run:
         return points
     rows = results_table(points, fields)
@@ -371,9 +540,18 @@ def run_sweep(spec: SweepSpec, runner: Runner = subprocess_runner, root: Path | 
     return points
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, root: Path | None = None) -> None:
     spec = parse_sweep_args(sys.argv[1:] if argv is None else argv)
-    points = run_sweep(spec)
+    try:
+        points = run_sweep(spec, root=root)
+    except Interrupted as stop:
+        name = signal.Signals(stop.signum).name
+        print(f"tools/sweep: stopped by {name}; no training run is left running; rerun the same command to "
+              "resume (finished points are kept)", file=sys.stderr)
+        raise SystemExit(stop.code) from None
+    except KeyboardInterrupt:
+        print("tools/sweep: interrupted; rerun the same command to resume (finished points are kept)", file=sys.stderr)
+        raise SystemExit(130) from None
     if any(p.run is None for p in points) and not spec.dry_run:
         raise SystemExit(1)
 
