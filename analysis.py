@@ -8,7 +8,9 @@ gradient noise sigma^2, the echo of each gradient direction from R replica gradi
 estimator), its tau^2 fit and kappa, power-law alpha, orthogonalization errors, ... (see --list).
 Results go to OUT/<run_id>/step_NNNNNN.{csv,npz,json} and plots to OUT/<run_id>/plots/.
 Under `torchrun --nproc_per_node=N analysis.py ...` the matrices are split over the processes.
-An interrupted run resumes where it stopped; --render redraws the plots from the saved results.
+An interrupted run resumes where it stopped, and a rerun skips what is done unless a setting that
+changes results (replicas, tokens, validation files, the checkpoint) differs; --render redraws the
+plots from the saved results.
 """
 
 import math
@@ -70,7 +72,8 @@ def parse_args(argv):
     parser.add_argument("--properties", default="all",
                         help="comma list of properties (default: all; see --list); dependencies come along")
     parser.add_argument("--replicas", type=int, default=None,
-                        help=f"replica gradients R (default {CPU_REPLICAS} per GPU process, {CPU_REPLICAS} on CPU)")
+                        help=f"replica gradients R (default {CPU_REPLICAS} per GPU process, {CPU_REPLICAS} on CPU; "
+                        "at least 3 for the echo)")
     parser.add_argument("--out", default="analysis_out", help="results folder (default analysis_out)")
     parser.add_argument("--tokens", type=int, default=None,
                         help="tokens per replica minibatch (default: the run's train_seq_len)")

@@ -39,7 +39,8 @@ def missing_note(prop, layers, never, sometimes=0):
 
 def _note(ax, text):
     if text:
-        ax.text(0.02, 0.97, text, transform=ax.transAxes, va="top", ha="left", fontsize=8, color="firebrick")
+        ax.text(0.02, 0.97, text, transform=ax.transAxes, va="top", ha="left", fontsize=8, color="firebrick",
+                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1.5}, zorder=5)
 
 
 def _median_abs(a):
