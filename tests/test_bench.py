@@ -29,7 +29,8 @@ def test_lr_grid_is_x2_around_the_declared_value():
 def test_pick_lr_takes_the_lowest_mean_and_flags_edges():
     assert bench.pick_lr({0.1: [3.0, 3.2], 0.2: [3.0, 3.0], 0.4: [3.5]}) == (0.2, "")
     assert bench.pick_lr({0.1: [2.0], 0.2: [3.0]}) == (0.1, "low")
-    assert bench.pick_lr({0.1: [4.0], 0.2: [3.0], 0.3: []}) == (0.2, "high")
+    assert bench.pick_lr({0.1: [4.0], 0.2: [3.0]}) == (0.2, "high")
+    assert bench.pick_lr({0.1: [4.0], 0.2: [3.0], 0.4: []}) == (0.2, "")  # 0.4 diverged: not an edge
     with pytest.raises(ValueError):
         bench.pick_lr({0.1: []})
 

@@ -1,5 +1,6 @@
 """The data tools: tools/fetch_fineweb (with a fake hub, no network) and tools/prepare_tiny_data."""
 
+import math
 import os
 import subprocess
 import sys
@@ -332,3 +333,39 @@ def test_real_build_is_valid_idempotent_and_deterministic(sources, tmp_path):
     assert done.returncode == 0 and "already built" in done.stdout and "byte data already built" in done.stdout
     names = [train_path.name, val_path.name, btrain_path.name, bval_path.name]
     assert sorted(os.listdir(out)) == sorted(names)  # no temporary files left
+
+
+# ---------------------------------------------------------------- bigram_entropy
+
+
+def test_bigram_entropy_of_known_chains():
+    from kit import bigram_entropy
+
+    rng = np.random.default_rng(0)
+    iid = rng.integers(0, 4, 200_000)  # no memory: H(x_t | x_t-1) = ln 4
+    h, _ = bigram_entropy.held_out_entropy(iid[:150_000], iid[150_000:], 4)
+    assert h == pytest.approx(math.log(4), abs=0.01)
+    # a chain that repeats its token with probability 0.9, else moves to one of the 3 others
+    steps = rng.random(200_000) < 0.1
+    chain = (np.cumsum(steps * rng.integers(1, 4, 200_000)) % 4).astype(np.int64)
+    truth = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1 / 3))
+    h, _ = bigram_entropy.held_out_entropy(chain[:150_000], chain[150_000:], 4)
+    assert h == pytest.approx(truth, abs=0.01)
+    assert bigram_entropy.in_sample_bigram_entropy(chain, 4) == pytest.approx(truth, abs=0.01)
+    cycle = np.tile(np.arange(5), 1000)  # deterministic: the next token is known, H ~ 0
+    assert bigram_entropy.held_out_entropy(cycle, cycle[:100], 5)[0] < 0.01
+    # a held-out pair never seen in training costs a finite (smoothed) loss
+    assert math.isfinite(bigram_entropy.cross_entropy(cycle, np.array([0, 2]), 5, 0.1))
+
+
+def test_bigram_entropy_tool_reports_on_shards(tmp_path):
+    tokens = np.tile(np.array([1, 2, 3, 1, 3], dtype=np.uint16), 200)
+    write_shard(tmp_path / "t_train_000000.bin", tokens)
+    write_shard(tmp_path / "t_val_000000.bin", tokens[:100])
+    tool = ROOT / "tools" / "bigram_entropy"
+    done = subprocess.run([str(tool), f"--train={tmp_path}/t_train_*.bin", f"--val={tmp_path}/t_val_*.bin"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "held-out bigram entropy" in done.stdout and "0.8 x" in done.stdout
+    assert "Example:" in subprocess.run([str(tool), "--help"], capture_output=True, text=True, timeout=60).stdout
+    missing = subprocess.run([str(tool), f"--train={tmp_path}/none_*.bin"], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "prepare_tiny_data" in missing.stderr

@@ -86,9 +86,10 @@ def lr_grid(center: float, points: int = LR_POINTS) -> list[float]:
 
 
 def pick_lr(results: dict[float, list[float]]) -> tuple[float, str]:
-    """{lr: final losses} -> (lr of the lowest mean loss, '' | 'low' | 'high': the pick is the grid's edge)."""
-    means = {lr: math.fsum(v) / len(v) for lr, v in results.items() if v}
-    if not means:
+    """{lr: final losses} -> (lr of the lowest mean loss, '' | 'low' | 'high': the pick is the grid's edge).
+    A rate whose runs all failed (diverged) counts as an infinite loss."""
+    means = {lr: math.fsum(v) / len(v) if v else math.inf for lr, v in results.items()}
+    if not means or min(means.values()) == math.inf:
         raise ValueError("no finished LR-grid runs to pick from")
     best = min(means, key=means.get)
     lrs = sorted(means)
