@@ -130,11 +130,13 @@ CHILDREN = _Children()
 
 @contextlib.contextmanager
 def forwarding_signals():
-    """While inside, SIGINT and SIGTERM go to CHILDREN.stop (main thread only; elsewhere a no-op)."""
+    """While inside, SIGINT and SIGTERM go to CHILDREN.stop (main thread only; elsewhere a no-op).
+    A signal the sweep was started with ignored (SIGINT of a shell's background job) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: h for s, h in previous.items() if h is not signal.SIG_IGN}  # e.g. a background job's SIGINT
     for s in previous:
         signal.signal(s, lambda signum, frame: CHILDREN.stop(signum))
     try:
