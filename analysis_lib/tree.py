@@ -95,8 +95,9 @@ def _declare():
         "[k, R] echo of each direction seen from each pivot replica", default=False)
     add("echo", ["reverb"], lambda z: _as_array(sp.echo_estimate(z)), "array",
         "echo zeta of each mean-gradient direction: median over pivots a of sqrt((Z^3)_aa / (||Z||_F^2 - "
-        "2 ||Z_a||^2)): unbiased at any R >= 3 (Z_ab estimates the product of two replicas' echoes z_a z_b, and "
-        "z_a^2 = Z_ab Z_ac / Z_bc on every triangle a, b, c)")
+        "2 ||Z_a||^2)), R >= 3: Z_ab estimates z_a z_b, the product of two replicas' echoes, and z_a^2 = "
+        "Z_ab Z_ac / Z_bc on every triangle a, b, c, so it is exact on noiseless entries at any R (no finite-R scale; "
+        "mean error within 0.002 at R = 8 on planted data)")
     add("trusted_directions", ["echo"], lambda e: int((e > TRUST_ECHO).sum()), "scalar",
         f"number of directions with echo above {TRUST_ECHO}")
     add("tau2", ["sv_median", "echo", "sigma2", "grad_shape"],
