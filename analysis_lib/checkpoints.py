@@ -83,13 +83,22 @@ def take(tensor, ref):
     return part.detach().to(torch.float32)
 
 
+MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")  # Muon's buffer; Adam's first moment where AdamW updates it
+
+
 def momentum_of(ckpt, ref):
-    """The Muon momentum buffer of a matrix, or None when the checkpoint holds none."""
-    state = (ckpt.get("optimizer") or {}).get("muon") or {}
-    buf = (state.get(ref.param) or {}).get("momentum_buffer")
-    if not isinstance(buf, torch.Tensor):
-        return None
-    return take(buf, ref)
+    """The momentum of a matrix: the Muon buffer, or, for a matrix an AdamW updates (the adamw variant),
+    Adam's first moment exp_avg; None when the checkpoint holds neither. A buffer kept with the stack's
+    leading dims merged (PSGD Kron keeps [4, d, d] as [4d, d]) is viewed in the parameter's shape."""
+    optimizer = ckpt.get("optimizer") or {}
+    shape = ckpt["model"][ref.param].shape
+    for group in ("muon", "adam"):
+        state = (optimizer.get(group) or {}).get(ref.param) or {}
+        for key in MOMENTUM_KEYS:
+            value = state.get(key)
+            if isinstance(value, torch.Tensor) and value.numel() == shape.numel() and value.shape[-1] == shape[-1]:
+                return take(value.reshape(shape), ref)
+    return None
 
 
 def run_id_of(ckpt, path):

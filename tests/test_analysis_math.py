@@ -462,3 +462,19 @@ def test_batched_alignment_path_agrees_with_the_lapack_path(shape):
         assert torch.allclose(batched["v"][:, :, :4], lapack["v"][:, :, :4], atol=1e-3)
         z_batched, z_lapack = sp.reverb_matrix(batched["u"], batched["v"]), sp.reverb_matrix(lapack["u"], lapack["v"])
         assert torch.allclose(z_batched[:4], z_lapack[:4], atol=1e-3)
+
+
+def test_momentum_kept_with_merged_leading_dims_is_read_in_the_parameters_shape():
+    """PSGD Kron (kron variant) keeps the [4, d, d] attention stack's momentum as [4d, d]."""
+    from analysis_lib.checkpoints import MatrixRef, momentum_of
+
+    d = 6
+    weights = torch.zeros(4, d, d)
+    buffer = torch.arange(4 * d * d, dtype=torch.float32).view(4, d, d)
+    ckpt = {"model": {"blocks.0.attn.qkvo_w": weights},
+            "optimizer": {"muon": {"blocks.0.attn.qkvo_w": {"momentum_buffer": buffer.reshape(4 * d, d)}}}}
+    for index in range(4):
+        ref = MatrixRef("blocks.0.attn.qkvo_w", index, "qkvo"[index], 0, d, d)
+        assert torch.equal(momentum_of(ckpt, ref), buffer[index])
+    ckpt["optimizer"]["muon"]["blocks.0.attn.qkvo_w"]["momentum_buffer"] = torch.zeros(4 * d, d + 1)
+    assert momentum_of(ckpt, MatrixRef("blocks.0.attn.qkvo_w", 0, "q", 0, d, d)) is None
