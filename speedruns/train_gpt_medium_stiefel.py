@@ -65,7 +65,7 @@ class Hyperparameters:
     # manifold Muon: every Muon matrix keeps all its singular values equal to a fixed scale
     stiefel_dual_iters: int = 20  # most dual-ascent iterations (one msign each) per matrix and step
     stiefel_dual_tol: float = 1e-3  # stop when the RMS entry of X^T O + O^T X is below this
-    stiefel_dual_step: float = 0.1  # dual-ascent step size, for G scaled to an RMS singular value of 1
+    stiefel_dual_step: float = 0.1  # first dual-ascent step (then decaying linearly), G at RMS singular value 1
     # Adam, for the head, the embeddings and the scalars
     head_lr: float = 1 / 320
     embed_lr: float = 0.3
@@ -554,11 +554,11 @@ def stiefel_tangent_step(X, G, eta, iters=20, tol=1e-3, step_size=0.1):
     """Manifold Muon's step A: min <G, A> subject to ||A||_2 <= eta and A tangent at X (X^T A + A^T X = 0).
 
     X [..., m, n] has orthonormal columns (rows if wide), G the same shape. Dual ascent on a symmetric
-    multiplier L: O = msign(G + 2 X L), L <- L - step_size * H with H = X^T O + O^T X, from
-    L = -sym(X^T G) / 2, which is already optimal for square X; at most `iters` iterations, stopping
-    early once the RMS entry of H is below tol. The last O is then projected onto the tangent space and
-    rescaled to spectral norm 1, so A = -eta * O is exactly tangent with ||A||_2 = eta whatever the
-    dual gap. -> (A, iterations used, RMS entry of the last H).
+    multiplier L: O = msign(G + 2 X L), L <- L - step_size (1 - k / iters) H at iteration k, with
+    H = X^T O + O^T X, from L = -sym(X^T G) / 2, which is already optimal for square X; at most `iters`
+    iterations, stopping early once the RMS entry of H is below tol. The last O is then projected onto
+    the tangent space and rescaled to spectral norm 1, so A = -eta * O is exactly tangent with
+    ||A||_2 = eta whatever the dual gap. -> (A, iterations used, RMS entry of the last H).
     """
     wide = X.size(-2) < X.size(-1)
     if wide:
@@ -572,7 +572,7 @@ def stiefel_tangent_step(X, G, eta, iters=20, tol=1e-3, step_size=0.1):
         rms = (H.square().mean(dim=(-2, -1)).max() ** 0.5).item()
         if rms <= tol or i == iters:
             break
-        L = L - step_size * H
+        L = L - step_size * (1 - (i - 1) / iters) * H
     O = stiefel_tangent(X, O)
     top = torch.linalg.eigvalsh(O.mT @ O)[..., -1:, None].clamp_min(1e-30).sqrt()
     A = -eta * O / top
@@ -596,15 +596,18 @@ def stiefel_step_(W, G, lr, decay, state, group):
     every block start as the identity) stay off the manifold with the baseline's step.
     """
     m, n = W.shape[-2:]
-    if "on_manifold" not in state:
-        state["on_manifold"] = W.norm(dim=(-2, -1), keepdim=True) > 0
+    if "on_manifold" not in state:  # one flag per matrix of a stack
+        state["on_manifold"] = W.reshape(-1, m, n).norm(dim=(-2, -1)) > 0
+    on = state["on_manifold"]
     muon_scale, scale = max(1.0, m / n) ** 0.5, stiefel_scale(m, n)
-    A, iters, _ = stiefel_tangent_step(W / scale, G, lr * muon_scale / scale, group["stiefel_dual_iters"],
+    W3, G3 = W.view(-1, m, n), G.reshape(-1, m, n)
+    if on.any():
+        X = W3[on] / scale
+        A, _, _ = stiefel_tangent_step(X, G3[on], lr * muon_scale / scale, group["stiefel_dual_iters"],
                                        group["stiefel_dual_tol"], group["stiefel_dual_step"])
-    new = scale * stiefel_retract(W / scale + A)
-    if not state["on_manifold"].all():
-        new = torch.where(state["on_manifold"], new, decay * W - lr * muon_scale * orthogonalize(G).float())
-    W.copy_(new)
+        W3[on] = scale * stiefel_retract(X + A)
+    if not on.all():
+        W3[~on] = decay * W3[~on] - lr * muon_scale * orthogonalize(G3[~on]).float()
 
 
 def fp32_master(p, state):
