@@ -222,12 +222,14 @@ def test_byte_streams_are_shuffled_chunks_of_disjoint_works():
     def chunks_of(names):
         return sorted(c for n in names for c in prepare_tiny_data.line_chunks(
             FAKE_TEXTS[n].strip().encode() + b"\n"))
-    in_val = [n for n in FAKE_TEXTS if prepare_tiny_data.work_key(n) in val_works]
-    in_train = [n for n in FAKE_TEXTS if n not in in_val]
+    modern = [n for n in FAKE_TEXTS if not n.endswith("_gut_f.txt")]  # the Folio spelling is left out
+    in_val = [n for n in modern if prepare_tiny_data.work_key(n) in val_works]
+    in_train = [n for n in modern if n not in in_val]
     assert train.size == sum(map(len, chunks_of(in_train))) and val.size == sum(map(len, chunks_of(in_val)))
     text = bytes(train.astype(np.uint8)).decode()
     for name in in_val:  # no held-out line appears in training
         assert FAKE_TEXTS[name].strip().split("\n")[-1] not in text, name
+    assert "Speake" not in text and "Speak" in text
     # shuffled with a fixed seed: small chunks come out of file order, the same way every time
     small = prepare_tiny_data.shuffled_bytes([FAKE_TEXTS[n] for n in in_train], seed=1, size=size)
     in_order = b"".join(FAKE_TEXTS[n].strip().encode() + b"\n" for n in in_train)
@@ -325,7 +327,7 @@ def test_real_build_is_valid_idempotent_and_deterministic(sources, tmp_path):
 
     btrain_path, bval_path = prepare_tiny_data.build_bytes(out, cache_dir=CACHE, log=quiet)
     btrain, bval = read_shard(btrain_path), read_shard(bval_path)
-    assert btrain.max() < 256 and btrain.size > 3 * train.size and 0.07 < bval.size / (btrain.size + bval.size) < 0.13
+    assert btrain.max() < 256 and btrain.size > 1.5 * train.size and 0.07 < bval.size / (btrain.size + bval.size) < 0.13
     assert b"\r" not in bytes(btrain[:100_000].astype(np.uint8))
 
     done = subprocess.run([str(ROOT / "tools" / "prepare_tiny_data"), "--out", str(out)],
