@@ -10,7 +10,9 @@ Results go to OUT/<run_id>/step_NNNNNN.{csv,npz,json} and plots to OUT/<run_id>/
 Under `torchrun --nproc_per_node=N analysis.py ...` the matrices are split over the processes.
 An interrupted run resumes where it stopped, and a rerun skips what is done unless a setting that
 changes results (replicas, tokens, validation files, the checkpoint) differs; --render redraws the
-plots from the saved results.
+plots from the saved results, and --compare RUN RUN ... draws several runs into the same figures
+(one line style per run, colour by depth), e.g. python analysis.py --compare runA runB --properties
+spectral_norm_w,effective_rank_w.
 """
 
 import math
@@ -82,7 +84,15 @@ def parse_args(argv):
                         "shards the run trained on are refused")
     parser.add_argument("--allow_train_overlap", "--allow-train-overlap", action="store_true",
                         help="take replica gradients on --val_files even where they are the run's training shards")
-    parser.add_argument("--render", action="store_true", help="only redraw the plots from the results in --out")
+    parser.add_argument("--render", action="store_true", help="only redraw the plots from the results in --out "
+                        "(with --properties: only those)")
+    parser.add_argument("--compare", nargs="+", metavar="RUN", default=None,
+                        help="draw 2 to 4 analysed runs into the same figures, one line style per run "
+                        "(a run folder, or a run id under --out); with --properties: only those")
+    parser.add_argument("--labels", default=None, help="comma list naming the --compare runs in the legend "
+                        "(default: their folder names)")
+    parser.add_argument("--plot_dir", default=None, help="where --compare writes its figures "
+                        "(default OUT/compare/RUN1_vs_RUN2...)")
     parser.add_argument("--list", action="store_true", help="print every property, its inputs and meaning")
     parser.add_argument("--verbose", action="store_true", help="print each property as it is computed")
     parser.add_argument("--skip_plots", action="store_true", help="compute and save results only (plot later "
@@ -348,8 +358,9 @@ def assemble(ckpt, path, refs, partials, wanted, replicas, settings, base):
 # Entry point
 
 
-def render(out, only=None, say=print):
-    """Redraw the plots of every run folder under `out` (or only those named). -> number of runs drawn."""
+def render(out, only=None, say=print, properties=None):
+    """Redraw the plots of every run folder under `out` (or only those named), of every property or
+    only of `properties` (a set). -> number of runs drawn."""
     if not os.path.isdir(out):
         return 0
     folders = sorted(only) if only else sorted(os.path.join(out, d) for d in os.listdir(out))
@@ -357,9 +368,40 @@ def render(out, only=None, say=print):
     for folder in folders:
         if outputs.finished_steps(folder):
             say(f"plots for {folder}")
-            plots.render_run(folder, progress=say)
+            plots.render_run(folder, progress=say, properties=properties)
             drawn += 1
     return drawn
+
+
+def compare(opts, properties):
+    """--compare: several runs' results drawn into the same figures. -> folder written."""
+    runs = opts.compare
+    if not 2 <= len(runs) <= len(plots.RUN_STYLES):
+        raise SystemExit(f"error: --compare takes 2 to {len(plots.RUN_STYLES)} runs (one line style each), "
+                         f"got {len(runs)}")
+    folders = []
+    for run in runs:
+        folder = run if os.path.isdir(run) else outputs.run_folder(opts.out, run)
+        if not outputs.finished_steps(folder):
+            raise SystemExit(f"error: no finished results for {run!r} (looked in {folder}); give a run folder "
+                             f"of analysis results, or analyse the run first: python analysis.py "
+                             f"checkpoints/RUN/step_*.pt --out {opts.out}")
+        folders.append(folder)
+    labels = [os.path.basename(os.path.normpath(f)) for f in folders]
+    if opts.labels is not None:
+        labels = [t.strip() for t in opts.labels.split(",")]
+        if len(labels) != len(runs) or not all(labels):
+            raise SystemExit(f"error: --labels names {len(labels)} runs for {len(runs)} --compare runs; "
+                             "give one non-empty name per run, e.g. --labels " + ",".join(f"run{i + 1}" for i in
+                                                                                         range(len(runs))))
+    plot_dir = opts.plot_dir or os.path.join(opts.out, "compare", "_vs_".join(
+        os.path.basename(os.path.normpath(f)) for f in folders))
+    print(f"comparing {', '.join(labels)} into {plot_dir}")
+    try:
+        plots.render_compare(folders, labels, plot_dir, properties)
+    except plots.CompareError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return plot_dir
 
 
 def main(argv=None):
@@ -367,8 +409,12 @@ def main(argv=None):
     if opts.list:
         print(tree.describe())
         return 0
+    requested = None if opts.properties in (None, "", "all") else set(tree.resolve_request(opts.properties))
+    if opts.compare:
+        compare(opts, requested)
+        return 0
     if opts.render:
-        if not render(opts.out):
+        if not render(opts.out, properties=requested):
             raise SystemExit(f"error: no finished results under {opts.out}; run `python analysis.py CHECKPOINTS "
                              f"--out {opts.out}` first")
         return 0
@@ -407,7 +453,7 @@ def main(argv=None):
             failures += 1
             ctx.error(f"{path}: {type(exc).__name__}: {_first_reason(exc)} (unexpected; please report it)")
     if ctx.rank == 0 and folders and not opts.skip_plots:
-        render(opts.out, only=folders, say=ctx.say)
+        render(opts.out, only=folders, say=ctx.say, properties=requested)
     ctx.close()
     if failures:
         raise SystemExit(f"error: {failures} of {total} checkpoints could not be analysed (see the lines above)")

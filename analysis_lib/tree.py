@@ -1,9 +1,10 @@
 """The property tree: each property declared once as (name, inputs, function), and its runner.
 
-Roots (given per matrix): `weight` [m, n], `momentum` [m, n] (the Muon buffer; may be absent) and
-`replicas` [R, m, n] (R minibatch gradients at the checkpoint's weights). A node's function takes
-its inputs' values in order. `kind` says what a node is: "scalar" (a float, one CSV column),
-"array" (saved in the npz) or "internal" (kept only while a consumer still needs it).
+Roots (given per matrix): `weight` [m, n], `momentum` [m, n] (the Muon buffer, or Adam's exp_avg where
+AdamW updates the matrix; may be absent) and `replicas` [R, m, n] (R minibatch gradients at the
+checkpoint's weights). A node's function takes its inputs' values in order. `kind` says what a node
+is: "scalar" (a float, one CSV column), "array" (saved in the npz) or "internal" (kept only while a
+consumer still needs it).
 """
 
 import math

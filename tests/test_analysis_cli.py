@@ -77,7 +77,7 @@ def test_end_to_end_table_plots_and_render(checkpoints, tmp_path, capsys):
     truncated.write_bytes(whole[:len(whole) // 2])
     with pytest.raises(SystemExit, match="4 of 6 checkpoints could not be analysed"):
         run_cli(checkpoints[0], tmp_path / "missing.pt", corrupt, foreign, truncated, checkpoints[1], "--replicas=3",
-                "--out", out)
+                "--out", out, "--skip_plots")  # every plot kind is drawn by a test of its own, on tiny data
     err_lines = capsys.readouterr().err.strip().splitlines()
     assert len(err_lines) == 4 and all(line.startswith("error: ") for line in err_lines)
     assert "missing.pt: no such file" in err_lines[0]
@@ -108,15 +108,22 @@ def test_end_to_end_table_plots_and_render(checkpoints, tmp_path, capsys):
     assert float(rows[[r["param"] for r in rows].index("blocks.3.mlp.fc_w")]["spectral_norm_w"]) == pytest.approx(
         float(s[0]), rel=1e-5)
 
-    want = expected_plots(run, (2, 4), scalar_names, array_names)
-    assert plot_files(run) == want
+    assert not (run / "plots").exists()
+
+    # A rerun asking for a few properties finds them done and draws their plots alone.
+    kept_scalars, kept_arrays = ["tau2"], ["echo", "sv_median", "sv_w"]  # the echo figure reads tau2
+    capsys.readouterr()
+    run_cli(*checkpoints, "--replicas=3", "--properties", ",".join(kept_scalars + kept_arrays), "--out", out)
+    assert capsys.readouterr().out.count("already done, skipped") == 2
+    want = expected_plots(run, (2, 4), kept_scalars, kept_arrays)
+    assert plot_files(run) == want and any("echo" in name for name in want)
+    assert want < expected_plots(run, (2, 4), scalar_names, array_names)
 
     # --render from the saved results alone (no checkpoints) redraws the same plots, pixel for pixel. A
-    # figure reads only its own property (and the echo's, tau2), so a copy of the results reduced to a
-    # few properties redraws those figures alone, at a fraction of the time of all of them.
+    # figure reads only its own property (and the echo's, tau2), so a copy of the results reduced to
+    # those properties redraws exactly those figures.
     copy = tmp_path / "copy"
     (copy / "tiny").mkdir(parents=True)
-    kept_scalars, kept_arrays = ["sigma2", "tau2", "kappa"], ["echo", "sv_median", "sv_w", "replica_cos_u"]
     for step in (2, 4):
         stem = outputs.stem(step)
         shutil.copy(run / f"{stem}.json", copy / "tiny" / f"{stem}.json")
@@ -126,9 +133,8 @@ def test_end_to_end_table_plots_and_render(checkpoints, tmp_path, capsys):
         outputs.write_npz(copy / "tiny" / f"{stem}.npz",
                           {k: v for k, v in arrays.items() if k.rsplit("/", 1)[1] in kept_arrays})
     run_cli("--render", "--out", copy)
-    kept = expected_plots(copy / "tiny", (2, 4), kept_scalars, kept_arrays)
-    assert plot_files(copy / "tiny") == kept and kept < want and any("echo" in name for name in kept)
-    for name in kept:
+    assert plot_files(copy / "tiny") == want
+    for name in want:
         assert (copy / "tiny" / name).read_bytes() == (run / name).read_bytes(), name
 
 
@@ -361,3 +367,102 @@ def test_plots_say_how_many_layers_have_no_fit(tmp_path):
     limits = ((plots._limits(s, False), False), (plots._limits(echo, False), False))
     notes = plots.array_figure("echo", 4, lines, 2, limits, tmp_path / "echo.png")
     assert notes == {"mlp_in": "2 of 3 layers have no fit"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots on small synthetic results: every plot kind, and several runs in one figure
+
+SYNTH_SCALARS = ["spectral_norm_w", "effective_rank_w", "tau2"]
+
+
+def synthetic_run(folder, steps, layers=3, scale=1.0, scalars=SYNTH_SCALARS, arrays=tuple(plots.ARRAY_PLOTS)):
+    """Results of a run on 6-wide matrices written as analysis.py writes them: every kind, `layers` layers
+    (no attention in layer 1, as the real model lacks one), the named scalars and array plots' data."""
+    os.makedirs(folder, exist_ok=True)
+    k, R = 6, 3
+    for step in steps:
+        rows, data = [], {}
+        for kind, _ in plots.KINDS:
+            for layer in range(layers):
+                if layer == 1 and kind in ("q", "k", "v", "o"):
+                    continue
+                s = scale * (1 + step / 10) * np.linspace(2.0, 0.5, k) * (1 + layer)
+                rows.append({"step": step, "param": f"blocks.{layer}.{kind}", "kind": kind, "layer": layer,
+                             "rows": k, "cols": k, **{n: float(s[0] + i) for i, n in enumerate(scalars)}})
+                wanted = {"sv_w": s, "sv_g": s / 3, "sv_m": s / 2, "sv_median": s,
+                          "echo": s**2 / (s**2 + 1.0), "replica_cos_u": np.full((R, k), 0.8),
+                          "replica_cos_v": np.full((R, k), -0.7)}
+                for name in arrays:
+                    data[outputs.array_key(kind, layer, name)] = wanted[name]
+                    if name == "echo":
+                        data[outputs.array_key(kind, layer, "sv_median")] = wanted["sv_median"]
+        base = os.path.join(folder, outputs.stem(step))
+        outputs.write_csv(base + ".csv", rows, scalars)
+        outputs.write_npz(base + ".npz", data)
+        outputs.write_json(base + ".json", {"step": step, "properties": list(scalars) + list(arrays)})
+    return folder
+
+
+def test_every_plot_kind_renders_on_tiny_data(tmp_path):
+    run = synthetic_run(tmp_path / "run", (10,), scalars=["tau2"])
+    written = plots.render_run(str(run), progress=lambda text: None)
+    want = expected_plots(run, (10,), ["tau2"], list(plots.ARRAY_PLOTS))
+    assert plot_files(run) == want and {str(Path(p).relative_to(run)) for p in written} == want
+    only = plots.render_run(str(run), progress=lambda text: None, properties={"sv_g"})
+    assert {str(Path(p).relative_to(run)) for p in only} == {"plots/sv_g.gif", "plots/sv_g/step_000010.png"}
+
+
+def line_sets(ax):
+    """The LineCollections of a panel: (line style, number of lines) each."""
+    from matplotlib.collections import LineCollection
+    return [(str(c.get_linestyle()), len(c.get_segments())) for c in ax.collections if isinstance(c, LineCollection)]
+
+
+def test_compare_draws_a_line_per_run_and_layer_with_a_legend_per_run(tmp_path):
+    labels = ["muon", "adamw", "stiefel"]
+    runs = [(label, *plots.load_run(str(synthetic_run(tmp_path / label, (10, 20), scale=i + 1))))
+            for i, label in enumerate(labels)]
+    fig, notes = plots.scalar_grid("spectral_norm_w", [(label, results) for label, _, results, _ in runs])
+    assert notes == {}
+    assert [t.get_text() for t in fig.legends[0].texts] == labels
+    panels = fig.axes[:6]
+    for ax, (kind, _) in zip(panels, plots.KINDS, strict=True):
+        sets = line_sets(ax)
+        assert [n for _, n in sets] == [2 if kind in "qkvo" else 3] * 3, kind  # layer 1 has no attention
+        assert len({style for style, _ in sets}) == 3, kind  # each run its own line style
+    # The array plots at a common step: the same, one line per run and layer.
+    lines = [(label, plots._array_lines("sv_w", arrays[1], results[1][1])) for label, _, results, arrays in runs]
+    fig = plots.compare_array_grid("sv_w", 20, lines, 2, ((None, False), (None, False)))
+    assert [t.get_text() for t in fig.legends[0].texts] == labels
+    assert [n for _, n in line_sets(fig.axes[4])] == [3, 3, 3]
+    # A single run draws as before: no legend, one solid set of lines.
+    fig, _ = plots.scalar_grid("spectral_norm_w", [(None, runs[0][2])])
+    assert fig.legends == [] and [n for _, n in line_sets(fig.axes[0])] == [2]
+
+
+def test_compare_cli_writes_figures_and_refuses_what_cannot_be_drawn(tmp_path, capsys):
+    out = tmp_path / "out"
+    synthetic_run(out / "a", (10, 20))
+    synthetic_run(out / "b", (10, 30), scale=2.0, scalars=["spectral_norm_w"], arrays=("sv_w",))
+    plot_dir = tmp_path / "fig"
+    run_cli("--compare", "a", out / "b", "--out", out, "--labels", "baseline,adamw", "--plot_dir", plot_dir,
+            "--properties", "spectral_norm_w,sv_w")
+    files = {str(p.relative_to(plot_dir)) for p in plot_dir.rglob("*") if p.is_file()}
+    assert files == {"spectral_norm_w_vs_step.png", "sv_w.gif", "sv_w/step_000010.png"}  # step 10 is in both
+    run_cli("--compare", "a", "b", "--out", out)  # default: every common property, into OUT/compare/a_vs_b
+    drawn = {p.name for p in (out / "compare" / "a_vs_b").iterdir()}
+    assert drawn == {"spectral_norm_w_vs_step.png", "sv_w.gif", "sv_w"}
+
+    synthetic_run(out / "c", (40,), scalars=["sigma2"], arrays=("echo",))  # the echo is never compared
+    synthetic_run(out / "d", (50,), scalars=["sigma2"], arrays=("sv_w",))
+    synthetic_run(out / "e", (60,), scalars=[], arrays=("sv_w",))
+    for argv, message in [
+        (["a", "c"], r"^error: the runs a, c have no property in common that can be plotted"),
+        (["d", "e"], r"^error: no step is analysed in every one of d, e \(steps: d 50; e 60\)"),
+        (["a", "b", "--properties", "sv_g"], r"^error: sv_g is not in the results of b; analyse"),
+        (["a"], r"^error: --compare takes 2 to 4 runs"),
+        (["a", "nowhere"], r"^error: no finished results for 'nowhere'"),
+        (["a", "b", "--labels", "x"], r"^error: --labels names 1 runs for 2 --compare runs"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            run_cli("--compare", *argv, "--out", out)

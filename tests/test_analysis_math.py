@@ -478,3 +478,18 @@ def test_momentum_kept_with_merged_leading_dims_is_read_in_the_parameters_shape(
         assert torch.equal(momentum_of(ckpt, ref), buffer[index])
     ckpt["optimizer"]["muon"]["blocks.0.attn.qkvo_w"]["momentum_buffer"] = torch.zeros(4 * d, d + 1)
     assert momentum_of(ckpt, MatrixRef("blocks.0.attn.qkvo_w", 0, "q", 0, d, d)) is None
+
+
+def test_momentum_of_an_adamw_matrix_is_its_first_moment():
+    """The adamw variant keeps no Muon buffer: its matrices' momentum is Adam's exp_avg (not exp_avg_sq)."""
+    from analysis_lib.checkpoints import MatrixRef, momentum_of
+
+    ref = MatrixRef("blocks.0.mlp.fc_w", None, "mlp_in", 0, 8, 4)
+    first, second = torch.randn(8, 4), torch.rand(8, 4)
+    ckpt = {"model": {ref.param: torch.zeros(8, 4)},
+            "optimizer": {"muon": {ref.param: {"exp_avg": first, "exp_avg_sq": second, "step": torch.tensor(3.0)}}}}
+    assert torch.equal(momentum_of(ckpt, ref), first)
+    buffer = torch.randn(8, 4)
+    ckpt["optimizer"]["muon"][ref.param]["momentum_buffer"] = buffer  # a Muon buffer wins where both exist
+    assert torch.equal(momentum_of(ckpt, ref), buffer)
+    assert momentum_of({"model": ckpt["model"], "optimizer": {"muon": {}, "adam": {}}}, ref) is None
