@@ -376,6 +376,9 @@ def render(out, only=None, say=print, properties=None):
 def compare(opts, properties):
     """--compare: several runs' results drawn into the same figures. -> folder written."""
     runs = opts.compare
+    if opts.checkpoints:
+        raise SystemExit("error: --compare draws analysed runs and takes no checkpoints; analyse them first, then "
+                         "run python analysis.py --compare RUN RUN ...")
     if not 2 <= len(runs) <= len(plots.RUN_STYLES):
         raise SystemExit(f"error: --compare takes 2 to {len(plots.RUN_STYLES)} runs (one line style each), "
                          f"got {len(runs)}")

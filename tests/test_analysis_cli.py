@@ -466,3 +466,5 @@ def test_compare_cli_writes_figures_and_refuses_what_cannot_be_drawn(tmp_path, c
     ]:
         with pytest.raises(SystemExit, match=message):
             run_cli("--compare", *argv, "--out", out)
+    with pytest.raises(SystemExit, match=r"^error: --compare draws analysed runs and takes no checkpoints"):
+        run_cli(tmp_path / "step_000010.pt", "--compare", "a", "b", "--out", out)
