@@ -11,6 +11,12 @@ sets it apart from the other groups of its variant, e.g. `baseline [muon_lr=0.01
 is drawn as the mean curve over its runs with a min-max band, at the validation steps all its runs
 share; times are train_time (validation excluded). The table gives each group's final figures
 over its finished runs. --out may be a PNG path or a folder (then FOLDER/compare.png).
+
+When logs hold the echo variants' diagnostics (`echo step:N kind:K zeta:Z tau2/smax2:T` lines, written
+at each validation by echo and echo_exact), two more figures go next to the plot, OUT_echo_zeta.png and
+OUT_echo_tau2.png: per matrix kind (Q, K, V, O, MLP in, MLP out), the median over depths of the mean
+echo zeta, and of tau^2 / s_max^2 (log scale), against step, one line per log. --echo makes them
+required: a log without such lines is then an error (e.g. tools/compare --echo logs/a.txt logs/b.txt).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 
 from . import stats, variants
 from .cliutil import atomic_savefig, format_table, make_parser
-from .logs import LogError, Run, comparable_settings, expand_log_paths, parse_log
+from .logs import LogError, Run, comparable_settings, echo_diagnostics, expand_log_paths, parse_log
 
 
 @dataclass
@@ -203,12 +209,94 @@ def plot_groups(path: Path, curves: dict[str, Curve]) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- echo diagnostics
+
+ECHO_PANELS = (("q", "Q"), ("k", "K"), ("v", "V"), ("o", "O"), ("mlp_in", "MLP in"), ("mlp_out", "MLP out"))
+ECHO_QUANTITIES = {  # figure name: (index in a diagnostic (step, zeta, tau2_ratio), y label, title, log scale)
+    "zeta": (1, r"mean echo $\zeta$ of a matrix", "echo: the mean echo zeta of a matrix, median over depths", False),
+    "tau2": (2, r"$\tau^2 / s_\max^2$", "echo: the law's tau^2 over the top squared singular value, median over depths",
+             True),
+}
+
+
+def echo_series(paths: list[Path], required: bool) -> dict[str, dict[str, list[tuple[int, float, float]]]]:
+    """{log label: {kind: [(step, zeta, tau2_ratio)]}} of the logs holding echo diagnostic lines, in
+    input order; a label is the file's stem, or its path when stems repeat. With required, a log
+    without such lines ends the tool with a one-line error."""
+    stems = [p.stem for p in paths]
+    series = {}
+    for path, stem in zip(paths, stems, strict=True):
+        try:
+            found = echo_diagnostics(path)
+        except LogError as err:
+            raise SystemExit(f"tools/compare: {err}") from None
+        if found:
+            series[stem if stems.count(stem) == 1 else str(path)] = found
+        elif required:
+            raise SystemExit(f"tools/compare: {path} has no echo diagnostic lines ('echo step:N kind:K ...', written "
+                             "by the echo and echo_exact variants with echo_kappa > 0); leave out --echo or that log")
+    return series
+
+
+def echo_figure(series: dict[str, dict[str, list[tuple[int, float, float]]]], quantity: str):
+    """A 2x3 figure, one panel per matrix kind, one line per log: `quantity` ('zeta' or 'tau2', see
+    ECHO_QUANTITIES) against step. The caller closes it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    index, ylabel, title, log_scale = ECHO_QUANTITIES[quantity]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5), sharex=True, sharey=True)
+    positive = False
+    for ax, (kind, name) in zip(axes.flat, ECHO_PANELS, strict=True):
+        for color, (label, kinds) in enumerate(series.items()):
+            points = kinds.get(kind, [])
+            if not points:
+                continue
+            ys = [point[index] for point in points]
+            positive = positive or any(y > 0 for y in ys)
+            ax.plot([point[0] for point in points], ys, color=f"C{color % 10}", label=label, lw=1.4, marker="o", ms=3)
+        ax.set_title(name)
+        ax.grid(alpha=0.3, which="both")
+    if log_scale and positive:
+        axes[0, 0].set_yscale("log")  # shared by all panels
+    elif not log_scale:
+        axes[0, 0].set_ylim(bottom=0)
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"{title} (at each validation; one line per log)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_echo(out: Path, series: dict[str, dict[str, list[tuple[int, float, float]]]]) -> list[Path]:
+    """Write OUT_echo_zeta.png and OUT_echo_tau2.png next to `out`; -> their paths."""
+    import matplotlib.pyplot as plt
+
+    written = []
+    for quantity in ECHO_QUANTITIES:
+        path = out.with_name(f"{out.stem}_echo_{quantity}.png")
+        fig = echo_figure(series, quantity)
+        try:
+            atomic_savefig(fig, path)
+        finally:
+            plt.close(fig)
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = make_parser("tools/compare", __doc__)
     parser.add_argument("inputs", nargs="+", help="log files, folders of logs, or variant names")
     parser.add_argument("--log-dir", type=Path, default=variants.REPO_ROOT / "logs", help="where variant logs are")
     parser.add_argument("--out", type=Path, default=variants.REPO_ROOT / "analysis_out" / "compare.png", help="PNG")
     parser.add_argument("--by-file", action="store_true", help="one group per log file instead of per variant")
+    parser.add_argument("--echo", action="store_true",
+                        help="require the echo diagnostics figures (drawn anyway when a log holds echo lines)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         paths = resolve_inputs(args.inputs, args.log_dir)
@@ -216,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"tools/compare: {err}") from None
     out = args.out / "compare.png" if args.out.is_dir() else args.out
     groups = group_runs(paths, args.by_file)
+    series = echo_series(paths, required=args.echo)
     rows = summary_rows(groups)
     print(format_table(rows, list(rows[0])))
     curves = {label: group_curve(runs) for label, runs in groups.items()}
@@ -223,7 +312,10 @@ def main(argv: list[str] | None = None) -> None:
         print(note)
     try:
         plot_groups(out, curves)
+        echo_plots = plot_echo(out, series) if series else []
     except OSError as err:
         raise SystemExit(f"tools/compare: cannot write the plot {out} ({err.strerror or err}); give --out a "
                          "writable PNG path or folder") from None
     print(f"plot: {out}")
+    for path in echo_plots:
+        print(f"plot: {path}")

@@ -17,7 +17,8 @@ back or the total T changes.
 
 API: `parse_log(path) -> LogFile`, `parse_text(text, name) -> LogFile`, `read_identity(path)`
 (run id, variant, hyperparameters from the header alone), `source_sha256(text)`, `LogError` (a
-ValueError whose message is one line naming the file); for settings: `RESULT_NEUTRAL`,
+ValueError whose message is one line naming the file); `echo_diagnostics(path)` (the echo variants'
+`echo step:N kind:K ...` lines, which the step parsing skips); for settings: `RESULT_NEUTRAL`,
 `comparable_settings`, `settings_differences`, `script_defaults` (a script's preset values, read
 with `ast` from its source), `format_settings`.
 """
@@ -250,6 +251,45 @@ def parse_log(path: str | Path) -> LogFile:
     except (OSError, UnicodeDecodeError) as err:
         raise LogError(f"{path}: cannot read log ({type(err).__name__}: {err})") from None
     return parse_text(text, str(path))
+
+
+ECHO_PREFIX = "echo step:"
+
+
+def echo_diagnostics_text(text: str, name: str = "<log>") -> dict[str, list[tuple[int, float, float]]]:
+    """The echo variants' diagnostic lines of a log's body, `echo step:N kind:K zeta:Z tau2/smax2:T`
+    (per matrix kind, the medians over depths of the mean echo zeta and of tau^2 / s_max^2), as
+    {kind: [(step, zeta, tau2_ratio)]} in file order. A missing zeta or tau2/smax2 field reads as nan
+    and unknown fields are ignored; a line without step or kind, or with a value that is not a number,
+    raises LogError naming file:line. {} when the log has no such line (other variants, echo_kappa=0)."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    _, _, body_start = _split_header(lines)
+    found: dict[str, list[tuple[int, float, float]]] = {}
+    for index in range(body_start, len(lines)):
+        line = lines[index]
+        if not line.startswith(ECHO_PREFIX):
+            continue
+        fields = dict(token.partition(":")[::2] for token in line.split()[1:])
+        where = f"{name}:{index + 1}"
+        if not fields.get("step") or not fields.get("kind"):
+            raise LogError(f"{where}: echo line without step or kind: {line[:60]!r}")
+        try:
+            step = int(fields["step"])
+            zeta, ratio = (float(fields.get(key, "nan")) for key in ("zeta", "tau2/smax2"))
+        except ValueError:
+            raise LogError(f"{where}: cannot read the numbers of echo line {line[:60]!r}") from None
+        found.setdefault(fields["kind"], []).append((step, zeta, ratio))
+    return found
+
+
+def echo_diagnostics(path: str | Path) -> dict[str, list[tuple[int, float, float]]]:
+    """`echo_diagnostics_text` of one log file. Raises LogError naming the file on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise LogError(f"{path}: cannot read log ({type(err).__name__}: {err})") from None
+    return echo_diagnostics_text(text, str(path))
 
 
 def expand_log_paths(items: list[str]) -> list[Path]:
