@@ -196,7 +196,7 @@ def test_replica_gradients_come_from_disjoint_heldout_slices(checkpoints):
     model(inputs, targets, module.window_blocks(ckpt["step"], args)).backward()
     for ref in refs:
         want = ck.take(dict(model.named_parameters())[ref.param].grad, ref)
-        assert torch.allclose(stacks[ref.label][2], want, rtol=1e-4, atol=1e-7), ref.label
+        assert torch.allclose(stacks[ref.label][2], want, rtol=1e-4, atol=1e-5 * float(want.abs().max())), ref.label
         assert not torch.allclose(stacks[ref.label][0], stacks[ref.label][1])
 
 
@@ -248,12 +248,24 @@ def test_torchrun_shards_matrices_and_matches_one_process(checkpoints, tmp_path)
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "[rank 1]   matrix" in proc.stdout  # both processes analysed matrices
-    one = (tmp_path / "one" / "tiny" / "step_000004.csv").read_text()
-    assert (tmp_path / "two" / "tiny" / "step_000004.csv").read_text() == one
+    # The reference ran at pytest's thread count, the shards at one thread each: BLAS may round the last
+    # digits differently, so values are compared with a tolerance far above fp32 rounding.
+    one, two = (list(csv.DictReader((tmp_path / d / "tiny" / "step_000004.csv").open())) for d in ("one", "two"))
+    assert len(one) == len(two) > 0 and one[0].keys() == two[0].keys()
+    for r1, r2 in zip(one, two, strict=True):
+        for key in r1:
+            try:
+                x, y = float(r1[key]), float(r2[key])
+            except ValueError:
+                assert r1[key] == r2[key], key
+                continue
+            assert (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-6), (key, x, y)
     assert not (tmp_path / "two" / "tiny" / "plots").exists()
     a = outputs.read_npz(tmp_path / "one" / "tiny" / "step_000004.npz")
     b = outputs.read_npz(tmp_path / "two" / "tiny" / "step_000004.npz")
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape and np.allclose(a[k], b[k], rtol=1e-4, atol=1e-6, equal_nan=True), k
 
 
 def shard_files(checkpoints):

