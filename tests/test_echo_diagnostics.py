@@ -119,3 +119,17 @@ def test_a_short_echo_run_logs_diagnostics_at_its_validations(tmp_path, tiny_dat
         for _, zeta, ratio in points:
             assert 0 < zeta <= 1.0001 and 0 < ratio < 1
     assert [v.step for v in logs.parse_log(log).runs[0].validations] == [0, 3, 6]
+
+
+def test_echo_series_labels_logs_by_file_and_variant(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "speedruns").mkdir(parents=True)
+    (repo / "speedruns" / "train_gpt_medium.py").write_text("x = 0\n")
+    (repo / "speedruns" / "train_gpt_medium_echo.py").write_text("x = 1\n")
+    for folder, source in (("one", "x = 1\n"), ("two", "x = 1\n"), ("three", "x = 2\n")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / ("run.txt" if folder != "three" else "other.txt")).write_text(echo_log(source=source))
+    paths = [tmp_path / "one" / "run.txt", tmp_path / "two" / "run.txt", tmp_path / "three" / "other.txt"]
+    series = compare.echo_series(paths, required=True, root=repo)
+    assert list(series) == [f"{paths[0]} (echo)", f"{paths[1]} (echo)", "other"]  # same stems: their paths
+    assert series["other"] == logs.echo_diagnostics(paths[2])

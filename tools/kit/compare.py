@@ -219,19 +219,24 @@ ECHO_QUANTITIES = {  # figure name: (index in a diagnostic (step, zeta, tau2_rat
 }
 
 
-def echo_series(paths: list[Path], required: bool) -> dict[str, dict[str, list[tuple[int, float, float]]]]:
+def echo_series(paths: list[Path], required: bool, root: Path | None = None
+                ) -> dict[str, dict[str, list[tuple[int, float, float]]]]:
     """{log label: {kind: [(step, zeta, tau2_ratio)]}} of the logs holding echo diagnostic lines, in
-    input order; a label is the file's stem, or its path when stems repeat. With required, a log
-    without such lines ends the tool with a one-line error."""
+    input order; a label is the file's stem (its path when stems repeat) and the variant its source
+    matches, e.g. `run3 (echo_exact)`. With required, a log without such lines ends the tool with a
+    one-line error."""
+    shas = variants.variant_shas(root)
     stems = [p.stem for p in paths]
     series = {}
     for path, stem in zip(paths, stems, strict=True):
         try:
             found = echo_diagnostics(path)
+            variant = shas.get(parse_log(path).source_sha256 or "") if found else None
         except LogError as err:
             raise SystemExit(f"tools/compare: {err}") from None
         if found:
-            series[stem if stems.count(stem) == 1 else str(path)] = found
+            label = stem if stems.count(stem) == 1 else str(path)
+            series[label if variant is None else f"{label} ({variant})"] = found
         elif required:
             raise SystemExit(f"tools/compare: {path} has no echo diagnostic lines ('echo step:N kind:K ...', written "
                              "by the echo and echo_exact variants with echo_kappa > 0); leave out --echo or that log")
@@ -263,6 +268,9 @@ def echo_figure(series: dict[str, dict[str, list[tuple[int, float, float]]]], qu
         axes[0, 0].set_yscale("log")  # shared by all panels
     elif not log_scale:
         axes[0, 0].set_ylim(bottom=0)
+    from matplotlib.ticker import MaxNLocator
+
+    axes[0, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes[1]:
         ax.set_xlabel("step")
     for ax in axes[:, 0]:
