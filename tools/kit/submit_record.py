@@ -71,6 +71,27 @@ TABLE_COLUMNS = [
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+# The public medium optimizer leaderboard, the reference our own rows read against (records.md).
+LEADERBOARD = [
+    '## Public reference: the NanoGPT-Medium optimizer leaderboard (not ours)',
+    '',
+    "modded-nanogpt's [optimizer leaderboard](https://github.com/KellerJordan/modded-nanogpt/blob/master/records/track_2_medium/OptimizationLeaderboard/README.md)",
+    'keeps record #8 fixed (architecture, data, 524,288-token batch) and changes only the optimizer of the',
+    "hidden matrices; the head, embeddings and scalars keep record #8's Adam. Score: the run length (the",
+    'schedule stretched to it) that reaches 2.92 validation loss, on 8xH100, one run each as published.',
+    '',
+    '| optimizer | steps to 2.92 | settings | date | our variant | public log |',
+    '| --- | --- | --- | --- | --- | --- |',
+    '| Muon (record #8) | 5960 | lr 0.025, wd 0.01 (x2 on MLP matrices; ~165 steps more without), momentum 0.85 -> 0.95 over 300 steps, bf16 weights + mantissa state | 2025-04-22 | `baseline` | [075_640429f2-e726-4e83-aa27-684626239ffc.txt](https://github.com/KellerJordan/modded-nanogpt/blob/master/records/track_2_medium/2025-04-22_Record8/075_640429f2-e726-4e83-aa27-684626239ffc.txt) |',  # noqa: E501
+    '| AdamW | 9500 | lr 0.0015, wd 0.125, betas (0.9, 0.95), eps 1e-10, linear warm-up of every lr over the first 500 steps, fp32 weights | 2025-06-19 | `adamw --num_iterations=9500` | none published |',  # noqa: E501
+    '| AdamW, bf16 weights | 10500 | the same, bf16 weights | 2025-06-15 | | none published |',
+    '| PSGD Kron | 9000 (history table; 7875 in the overall table) | lr 0.0005, wd 0.625, no warm-up, kron-torch defaults, fp32 weights | 2025-06-19 | `kron --num_iterations=9000` | none published |',  # noqa: E501
+    '| PSGD Kron, bf16 weights | 9000 | the same, bf16 weights | 2025-06-19 | | none published |',
+    '',
+    "Muon needs 0.63x AdamW's steps (5960 / 9500) and 0.66x Kron's (5960 / 9000; 0.76x against 7875).",
+]
+
+
 def records_header() -> str:
     """The text records.md starts with: explanation, public reference figures, table header."""
     ref = PUBLIC_REFERENCE
@@ -106,6 +127,8 @@ def records_header() -> str:
             f"**{ref['name']}**, from its log: {ref['steps']} steps, final val loss "
             f"{ref['final_val_loss']:.6f}, train time {ref['train_time_ms'] / 1000:.1f} s "
             f"({ref['train_time_ms'] / 60000:.2f} min), step avg {ref['step_avg_ms']:.2f} ms, 8xH100, one run.",
+            "",
+            *LEADERBOARD,
             "",
             "## Our records",
             "",
