@@ -1,12 +1,15 @@
-"""The geometry variants keep their weights on their manifolds: sphere, stiefel, oblique, block_stiefel, sl.
+"""The geometry variants keep their weights on their manifolds: sphere, stiefel, l1_stiefel, oblique,
+block_stiefel, sl.
 
 Each variant's functions are loaded from its generated script. The constraint tests drive the variant's
 own Muon for 100 steps on random gradients at the CPU preset's shapes (model_dim 64: the attention
-stack [4, 64, 64] with o zero, the MLP in [256, 64], the MLP out [64, 256] zero), so they exercise the
-zero-initialised matrices' entry too. The full shape 1024 x 4096 gets a few steps of the geometry alone,
-driven by Gaussian directions where the variant's step is cheap (row and column norms, slogdet);
-one Newton-Schulz call at that shape costs about 4 s on one CPU thread, so the msign-based variants
-(stiefel, block_stiefel) are checked at the CPU preset's shapes only.
+stack [4, 64, 64] with o zero, the MLP in [256, 64], the MLP out [64, 256] zero), so they also check that
+the zero-initialised matrices stay off the manifold and move. The full shapes get 3 steps of the
+geometry alone, driven by Gaussian directions, where a step is cheap: sphere and oblique at
+1024 x 4096 (row and column norms), sl at 1024 x 1024 (it applies to square matrices only; an fp64
+slogdet and inverse). One Newton-Schulz call at 1024 x 4096 costs about 4 s on one CPU thread and a
+stiefel step on the MLP in takes up to 20 msigns of 8 iterations each, so the msign-based variants (stiefel, l1_stiefel,
+block_stiefel) are checked at the CPU preset's shapes only.
 """
 
 import dataclasses
@@ -464,7 +467,7 @@ def test_block_stiefel_build_optimizers_projects_the_heads(scripts):
 # each variant: short CPU-preset runs end finite, and 2 processes equal 1 process accumulating 2 micro-batches
 
 GEOMETRY_VARIANTS = ["sphere", "stiefel", "l1_stiefel", "oblique", "block_stiefel", "sl"]
-RUN_STEPS = 6
+RUN_STEPS = 4
 
 # Runs every variant's main() in one launch (one torch import and, under torchrun, one process group for
 # all of them): process start-up is most of a short run's cost.
@@ -519,7 +522,7 @@ def test_short_run_is_finite_and_learns(variant_runs, variant):
     curve = variant_runs[1][variant]
     assert [s for s, _ in curve] == [0, RUN_STEPS // 2, RUN_STEPS]
     assert all(math.isfinite(v) for _, v in curve)
-    assert curve[-1][1] < curve[0][1] - 0.1
+    assert curve[-1][1] < curve[0][1] - 0.05
 
 
 @pytest.mark.parametrize("variant", GEOMETRY_VARIANTS)
