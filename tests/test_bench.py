@@ -190,6 +190,12 @@ def test_a_killed_bench_resumes_with_only_the_missing_runs(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         bench.main([*ARGS, f"--out={tmp_path}", "--variants=baseline,adamw"], runner=dying, root=ROOT)
     assert len(list((tmp_path / "logs").glob("*.txt"))) == 6  # five finished, one partial
+
+    def no_training(cmd, cwd, stdout_path):
+        raise AssertionError("--report must not start a run")
+
+    bench.main([*ARGS, f"--out={tmp_path}", "--variants=baseline,adamw", "--report"], runner=no_training, root=ROOT)
+    assert "planned run(s) not finished yet" in (tmp_path / "bench.txt").read_text()
     resumed = FakeTrainer(speeds, {})
     bench.main([*ARGS, f"--out={tmp_path}", "--variants=baseline,adamw"], runner=resumed, root=ROOT)
     total = 8 + 2 * 3 * 5

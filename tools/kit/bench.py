@@ -342,8 +342,10 @@ class Progress:
                   f"lr {fmt_lr(r.lr)}: {result}; {eta}", flush=True)
 
 
-def execute(runs: list[BenchRun], root: Path, parallel: int, runner: Runner, progress: Progress) -> None:
-    """Run those runs whose log holds no finished run, `parallel` at a time; cached ones are counted done."""
+def execute(runs: list[BenchRun], root: Path, parallel: int, runner: Runner, progress: Progress,
+            report_only: bool = False) -> None:
+    """Run those runs whose log holds no finished run, `parallel` at a time; cached ones are counted done.
+    report_only: run nothing, mark the missing runs 'not run'."""
     todo = []
     for r in runs:
         r.point.run = finished_run(r.point.log_path)
@@ -351,6 +353,10 @@ def execute(runs: list[BenchRun], root: Path, parallel: int, runner: Runner, pro
         if r.point.run is None:
             todo.append(r)
     cached = len(runs) - len(todo)
+    if report_only:
+        for r in todo:
+            r.point.status = "not run"
+        return
     if cached:
         print(f"{cached} run(s) already finished in {root if not runs else runs[0].point.log_path.parent}: reused",
               flush=True)
@@ -561,8 +567,9 @@ def plot(path: Path, results: list[Result], main_runs: list[BenchRun], budgets: 
 def run_bench(names: list[str], out: Path, budget_n: int, budget_fracs: tuple[float, ...], seeds: int,
               lr_points: int, lr_seeds: int, parallel: int, extra: list[str], quick: bool,
               root: Path | None = None, runner: Runner = subprocess_runner, reps: int = BOOTSTRAP_REPS,
-              make_plot: bool = True) -> tuple[list[Result], list[str]]:
-    """Plan, run (resumably) and analyse the benchmark. -> (results, failed-control messages)."""
+              make_plot: bool = True, report_only: bool = False) -> tuple[list[Result], list[str]]:
+    """Plan, run (resumably) and analyse the benchmark. -> (results, failed-control messages).
+    report_only: start no run, analyse the finished ones (controls are judged only when complete)."""
     root = variants.REPO_ROOT if root is None else root
     out = out.resolve()
     base_args = [f"--preset={PRESET}", "--checkpoint_every=", *extra]
@@ -584,7 +591,7 @@ def run_bench(names: list[str], out: Path, budget_n: int, budget_fracs: tuple[fl
                 for v in tuning if v.name in grids for lr in grids[v.name] for s in grid_seeds]
         runs = [r for r in runs if r.point.run_id not in {x.point.run_id for x in all_runs}]
         print(f"LR grid: {len(runs)} run(s) at budget {budget_n}", flush=True)
-        execute(runs, root, parallel, runner, progress)
+        execute(runs, root, parallel, runner, progress, report_only)
         all_runs += runs
         grids_next = {}
         for v in tuning:
@@ -599,6 +606,8 @@ def run_bench(names: list[str], out: Path, budget_n: int, budget_fracs: tuple[fl
             try:
                 best, edge = pick_lr(got)
             except ValueError:
+                if report_only:
+                    continue
                 raise SystemExit(f"tools/bench: every LR-grid run of {v.name} failed; see {out / 'stdout'}") from None
             tuned[v.name] = (best, edge, got)
             if edge and extensions < LR_EXTENSIONS:
@@ -611,10 +620,11 @@ def run_bench(names: list[str], out: Path, budget_n: int, budget_fracs: tuple[fl
             tuned[v.name] = (source[0], source[1], {}) if source else (v.lr_declared, "", {})
 
     # 2. the budgets x seeds at the tuned rates
-    main_runs = [make_run("main", v, s, b, tuned[v.name][0], base_args, out) for v in vs for b in budgets
-                 for s in v.seeds]
+    # seed-major order: a run stopped part-way leaves every variant with about as many complete seeds
+    main_runs = [make_run("main", v, v.seeds[i], b, tuned[v.name][0], base_args, out)
+                 for i in range(seeds) for v in vs for b in budgets]
     print(f"main: {len(main_runs)} run(s): {len(vs)} variant(s) x budgets {budgets} x {seeds} seeds", flush=True)
-    execute(main_runs, root, parallel, runner, progress)
+    execute(main_runs, root, parallel, runner, progress, report_only)
     all_runs += main_runs
 
     # 3. analysis
@@ -625,11 +635,16 @@ def run_bench(names: list[str], out: Path, budget_n: int, budget_fracs: tuple[fl
         at_n = [r.point.run.final_val_loss for r in mine if r.steps == budget_n and r.point.run is not None]
         failed = sum(r.point.run is None for r in mine)
         res = Result(v.name, v.lr_field, lr, edge, grid, loss_table(mine, v.seeds, budgets), at_n)
+        missing = sum(r.point.status == "not run" for r in mine)
         res.status = "ok" if not failed else f"{failed} run(s) failed"
+        if missing:
+            res.status = f"{len(mine) - missing} of {len(mine)} runs finished"
         results.append(res)
     if len(budgets) >= 2:
         analyse(results, budgets, reps)
-    failed = [] if quick else check_controls([r for r in results if r.variant in (POSITIVE_CONTROL, CONTROL)])
+    incomplete = any(r.point.status == "not run" for r in all_runs)
+    failed = [] if quick or incomplete else \
+        check_controls([r for r in results if r.variant in (POSITIVE_CONTROL, CONTROL)])
 
     rows = result_rows(results, budget_n, quick)
     text = [format_table(rows, list(rows[0])), "", "LR grid (mean final loss at budget "
@@ -639,6 +654,9 @@ def run_bench(names: list[str], out: Path, budget_n: int, budget_fracs: tuple[fl
         text.append(f"target: {base.speed.target:.4f} (baseline's mean final loss at {budget_n} steps)")
     if quick:
         text.append("--quick: 2 budgets and few seeds, declared learning rates; no CI claims, controls not checked")
+    if incomplete:
+        text.append(f"--report: {sum(r.point.status == 'not run' for r in all_runs)} planned run(s) not finished "
+                    "yet: partial figures, controls not checked")
     text += failed
     print("\n".join(text), flush=True)
     atomic_write_text(out / "bench.txt", "\n".join(text) + "\n")
@@ -663,6 +681,8 @@ def main(argv: list[str] | None = None, runner: Runner = subprocess_runner, root
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time, one thread each (default 1)")
     parser.add_argument("--quick", action="store_true", help="no LR grid, 2 budgets, 2 seeds, no CI claims (~10 min)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default bench_out/)")
+    parser.add_argument("--report", action="store_true",
+                        help="start no run: the table of the runs finished so far (during a run, or after a kill)")
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     bad = [a for a in extra if not (a.startswith("--") and "=" in a)]
     if bad:
@@ -685,7 +705,7 @@ def main(argv: list[str] | None = None, runner: Runner = subprocess_runner, root
           f"{args.parallel} at a time; out {out}", flush=True)
     started = time.monotonic()
     _, failed = run_bench(names, out, budget_n, budget_fracs, seeds, args.lr_points, args.lr_seeds, args.parallel,
-                          extra, args.quick, root, runner)
+                          extra, args.quick, root, runner, report_only=args.report)
     print(f"wall time {time.monotonic() - started:.0f} s", flush=True)
     if failed:
         print("\n" + "!" * 80 + "\n" + "\n".join(failed) + "\n" + "!" * 80, flush=True)
