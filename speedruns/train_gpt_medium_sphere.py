@@ -545,7 +545,7 @@ def sphere_step_(W, U, lr, decay, state, step, angle, every):
     if step == "geodesic":
         T = row_tangent(W, U, radius)
         theta = lr * T.norm(dim=-1, keepdim=True) / radius if angle == "norm" else torch.full_like(radius, lr)
-        new = sphere_geodesic(W, T, theta, radius)
+        new = sphere_geodesic(W, -T, theta, radius)  # downhill: against the update's tangent part
     else:
         new = W - lr * U
     if every and state["sphere_steps"] % every == 0:

@@ -464,6 +464,42 @@ def test_block_stiefel_build_optimizers_projects_the_heads(scripts):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# every step goes downhill: against the update it is given (a sign error would still keep the constraint)
+
+
+def first_order_change(step, W, U):
+    """<U, W_after - W_before> for one in-place step of W along the update (or gradient) U."""
+    before = W.clone()
+    step(W, U)
+    return float((U.double() * (W.double() - before.double())).sum())
+
+
+def test_every_geometry_step_goes_downhill(scripts):
+    g = torch.Generator().manual_seed(18)
+    W, U = preset_params()[1].detach().clone(), torch.randn(4 * DIM, DIM, generator=g)
+    sphere = script(scripts, "sphere")
+    for kind in ("geodesic", "project"):
+        def sphere_step(w, u, kind=kind):
+            sphere.sphere_step_(w, u, 0.05, 1.0, {}, kind, "norm", 1)
+
+        assert first_order_change(sphere_step, W.clone(), U) < 0, kind
+    oblique = script(scripts, "oblique")
+    assert first_order_change(lambda w, u: oblique.oblique_step_(w, u, 0.05, 1.0, {}), W.clone(), U) < 0
+    stiefel = script(scripts, "stiefel")
+    X = stiefel.stiefel_project(W)
+    keys = settings(stiefel, "stiefel_")
+    assert first_order_change(lambda w, u: stiefel.stiefel_step_(w, u, 0.05, 1.0, {}, keys), X.clone(), U) < 0
+    sl = script(scripts, "sl")
+    Q = preset_params()[0].detach()[:3].clone()
+    V = torch.randn(Q.shape, generator=g)
+    assert first_order_change(lambda w, u: sl.sl_step_(w, u, 0.05, 1.0, {}), Q.clone(), V) < 0
+    block = script(scripts, "block_stiefel")
+    S = block.head_block_project(preset_params()[0].detach(), HEADS)
+    V = torch.randn(S.shape, generator=g)
+    assert first_order_change(lambda w, u: block.head_block_step_(w, u, 0.05, 1.0, HEADS), S.clone(), V) < 0
+
+
+# ----------------------------------------------------------------------------------------------------------
 # each variant: short CPU-preset runs end finite, and 2 processes equal 1 process accumulating 2 micro-batches
 
 GEOMETRY_VARIANTS = ["sphere", "stiefel", "l1_stiefel", "oblique", "block_stiefel", "sl"]
