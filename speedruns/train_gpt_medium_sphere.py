@@ -61,11 +61,12 @@ class Hyperparameters:
     muon_momentum_start: float = 0.85
     muon_momentum: float = 0.95
     muon_momentum_warmup_steps: int = 300
-    muon_wd: float = 0.01  # decoupled, times 2 on the MLP matrices (only those that start at zero)
+    muon_wd: float = 0.01  # decoupled, times 2 on the MLP matrices (only on rows without a sphere)
     # hypersphere: each row of every Muon matrix keeps its initial norm
     sphere_step: str = "geodesic"  # geodesic: along the great circle; project: Muon step, then renormalize
     sphere_angle: str = "norm"  # geodesic angle: lr * |tangent row| / radius ("norm") or lr radians ("lr")
     sphere_every: int = 1  # renormalize the rows every k steps (0: never; 1: every step)
+    sphere_zero_rows: str = "enter"  # rows that start at zero (o, MLP out): "enter" a sphere or stay "free"
     # Adam, for the head, the embeddings and the scalars
     head_lr: float = 1 / 320
     embed_lr: float = 0.3
@@ -515,6 +516,9 @@ def orthogonalize(G):
     return X.mT if tall else X
 
 
+SPHERE_ENTRY_RADIUS = 0.5  # the row norm of uniform_init_ (std 0.5 / sqrt(fan_in)), for rows that start at zero
+
+
 def row_tangent(W, U, radius):
     """U minus its component along each row of W, whose rows have norm radius. [..., m, n] -> [..., m, n]."""
     return U - (U * W).sum(-1, keepdim=True) / radius.square() * W
@@ -528,15 +532,18 @@ def sphere_geodesic(W, T, angle, radius):
     return W * angle.cos() + radius * (T / t_norm.clamp_min(1e-30)) * angle.sin()
 
 
-def sphere_step_(W, U, lr, decay, state, step, angle, every):
+def sphere_step_(W, U, lr, decay, state, step, angle, every, zero_rows="enter"):
     """One step of W [..., m, n] (fp32, in place) with each row on its sphere, along the Muon update U.
 
-    The radii are the rows' norms at the first step. Rows that start at zero (o and the MLP out, whose
-    zero init lets every block start as the identity) have no sphere: they take the baseline's step,
-    W <- decay * W - lr * U.
+    The radii are the rows' norms at the first step. A row that starts at zero (o and the MLP out: their
+    zero init lets every block start as the identity) either enters the sphere of radius
+    SPHERE_ENTRY_RADIUS at its first non-zero update, at -radius * U_row / |U_row|, the sphere's point of
+    steepest descent (zero_rows="enter"), or has no sphere and takes the baseline's step
+    W <- decay * W - lr * U (zero_rows="free").
     """
     if "row_radius" not in state:
-        state["row_radius"] = W.norm(dim=-1, keepdim=True)
+        norms = W.norm(dim=-1, keepdim=True)
+        state["row_radius"] = norms if zero_rows == "free" else torch.where(norms > 0, norms, SPHERE_ENTRY_RADIUS)
         state["sphere_steps"] = 0
     radius = state["row_radius"]
     on_sphere = radius > 0
@@ -550,6 +557,8 @@ def sphere_step_(W, U, lr, decay, state, step, angle, every):
         new = W - lr * U
     if every and state["sphere_steps"] % every == 0:
         new = new * (radius / new.norm(dim=-1, keepdim=True).clamp_min(1e-30))
+    entering = W.norm(dim=-1, keepdim=True) == 0  # stays zero while its update is zero
+    new = torch.where(entering, -radius * U / U.norm(dim=-1, keepdim=True).clamp_min(1e-30), new)
     W.copy_(torch.where(on_sphere, new, decay * W - lr * U))
 
 
@@ -597,7 +606,7 @@ class Muon(torch.optim.Optimizer):
         master = fp32_master(p, state)
         decay = 1 - group["lr"] * group["weight_decay"] * group["wd_mul"]
         sphere_step_(master, update.float() * scale, group["lr"], decay, state, group["sphere_step"],
-                     group["sphere_angle"], group["sphere_every"])
+                     group["sphere_angle"], group["sphere_every"], group["sphere_zero_rows"])
         store_master(p, state, master)
 
     @torch.no_grad()
@@ -769,11 +778,12 @@ def setup_distributed(args):
 def build_optimizers(model, args, rank, world_size):
     muon = Muon(muon_param_groups(model), args.muon_lr, args.muon_momentum_start, args.muon_wd, rank, world_size)
     if args.sphere_step not in ("geodesic", "project") or args.sphere_angle not in ("norm", "lr") \
-            or args.sphere_every < 0:
-        raise SystemExit("error: bad sphere setting; use --sphere_step=geodesic|project, --sphere_angle=norm|lr "
-                         "and --sphere_every=K with K >= 0")
+            or args.sphere_every < 0 or args.sphere_zero_rows not in ("enter", "free"):
+        raise SystemExit("error: bad sphere setting; use --sphere_step=geodesic|project, --sphere_angle=norm|lr, "
+                         "--sphere_every=K with K >= 0 and --sphere_zero_rows=enter|free")
     for group in muon.param_groups:
-        group.update(sphere_step=args.sphere_step, sphere_angle=args.sphere_angle, sphere_every=args.sphere_every)
+        group.update(sphere_step=args.sphere_step, sphere_angle=args.sphere_angle, sphere_every=args.sphere_every,
+                     sphere_zero_rows=args.sphere_zero_rows)
     embeddings = [model.embed.weight, *(ve.weight for ve in model.value_embeds)]
     adam = torch.optim.Adam(
         [dict(params=[model.lm_head.weight], lr=args.head_lr),

@@ -89,20 +89,33 @@ def gram_error(W, scale):
 # sphere
 
 
-def test_sphere_rows_keep_their_radius(scripts):
+@pytest.mark.parametrize("zero_rows", ["enter", "free"])
+def test_sphere_rows_keep_their_radius(scripts, zero_rows):
     mod = script(scripts, "sphere")
     params = preset_params()
     initial = [p.detach().norm(dim=-1, keepdim=True).clone() for p in params]
-    muon = run_muon(mod, params, settings(mod, "sphere_"))
+    muon = run_muon(mod, params, settings(mod, "sphere_", sphere_zero_rows=zero_rows))
     for p, r0 in zip(params, initial, strict=True):
         radius = muon.state[p]["row_radius"]
-        assert torch.equal(radius, r0)
-        on_sphere = r0 > 0
+        assert torch.equal(radius, r0 if zero_rows == "free" else torch.where(r0 > 0, r0, 0.5))
+        on_sphere = radius > 0
         rel = (p.detach().norm(dim=-1, keepdim=True) / radius - 1)[on_sphere].abs().max() if on_sphere.any() else 0
         assert rel < 1e-4, (p.shape, float(rel))
-    # o and the MLP out start at zero: no sphere, the baseline's step moved them off zero
+    # o and the MLP out start at zero: they entered their spheres, or the baseline's step moved them
     assert float(initial[0][3].max()) == 0 and float(initial[2].max()) == 0
     assert float(params[0].detach()[3].norm()) > 0.1 and float(params[2].detach().norm()) > 0.1
+
+
+def test_sphere_zero_rows_enter_at_the_steepest_descent_point(scripts):
+    mod = script(scripts, "sphere")
+    g = torch.Generator().manual_seed(19)
+    W = torch.zeros(8, 16)
+    W[:4] = torch.randn(4, 16, generator=g)
+    U = torch.randn(8, 16, generator=g)
+    U[7] = 0.0  # no update yet: the row waits at zero
+    mod.sphere_step_(W, U, 0.05, 1.0, {}, "geodesic", "norm", 1, "enter")
+    torch.testing.assert_close(W[4:7], -mod.SPHERE_ENTRY_RADIUS * U[4:7] / U[4:7].norm(dim=-1, keepdim=True))
+    assert float(W[7].abs().max()) == 0
 
 
 @pytest.mark.parametrize("every", [7, 3])
@@ -173,7 +186,7 @@ def test_sphere_at_the_full_shape(scripts):
     state = {}
     for _ in range(3):
         U = torch.randn(W.shape, generator=g) * 0.01
-        mod.sphere_step_(W, U, 0.05, 0.99, state, "geodesic", "norm", 1)
+        mod.sphere_step_(W, U, 0.05, 0.99, state, "geodesic", "norm", 1, "free")
     assert float((W[:512].norm(dim=-1) / state["row_radius"][:512, 0] - 1).abs().max()) < 1e-4
     assert float(state["row_radius"][512:].abs().max()) == 0.0 and float(W[512:].norm()) > 0
 
@@ -480,7 +493,7 @@ def test_every_geometry_step_goes_downhill(scripts):
     sphere = script(scripts, "sphere")
     for kind in ("geodesic", "project"):
         def sphere_step(w, u, kind=kind):
-            sphere.sphere_step_(w, u, 0.05, 1.0, {}, kind, "norm", 1)
+            sphere.sphere_step_(w, u, 0.05, 1.0, {}, kind, "norm", 1, "enter")
 
         assert first_order_change(sphere_step, W.clone(), U) < 0, kind
     oblique = script(scripts, "oblique")
