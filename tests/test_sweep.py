@@ -1,4 +1,4 @@
-"""tools/sweep (grid, run ids, resume) and the benchmark's helpers (tools/kit/bench_optimizers.py)."""
+"""tools/sweep (grid, run ids, resume, signals, locks)."""
 
 import csv
 import math
@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from kit import bench_optimizers, logs, sweep  # noqa: E402
+from kit import logs, sweep  # noqa: E402
 
 SEP = "=" * 100
 
@@ -266,38 +266,6 @@ def test_no_resume_while_a_training_run_of_a_killed_sweep_is_alive(real_sweep):
     resumed = real_sweep.run(FAKE_STEP_SECONDS="0.001")
     assert resumed.returncode == 0, resumed.stderr
     assert "val_loss:3.0" in real_sweep.log_text() and len(list((real_sweep.out / "logs").glob("*.partial"))) == 1
-
-
-def test_bench_mean_curve_target_and_ratio():
-    V = logs.Validation
-    base = [[V(0, 10, 0), V(10, 6, 1000), V(20, 4, 2000)], [V(0, 10, 0), V(5, 9, 1), V(10, 8, 3000), V(20, 6, 4000)]]
-    curve = bench_optimizers.mean_curve([logs.Run(20, 20, validations=c) for c in base])
-    assert [(v.step, v.val_loss, v.train_time_ms) for v in curve] == [(0, 10, 0), (10, 7, 2000), (20, 5, 3000)]
-
-    def result(name, curves):
-        pts = []
-        for i, c in enumerate(curves):
-            run = logs.Run(c[-1].step, c[-1].step, validations=c)
-            pts.append(sweep.Point(f"{name}{i}", [], Path("x"), Path("y"), {"seed": str(i)}, "done", run))
-        mc = bench_optimizers.mean_curve([p.run for p in pts])
-        return bench_optimizers.VariantResult(name, "ok", pts, mc, [c[-1].val_loss for c in curves])
-
-    adamw = [[V(0, 10, 0), V(10, 9, 1), V(20, 6, 2)]]
-    missing = bench_optimizers.VariantResult("svd", "missing", [], [], [])
-    results = [result("baseline", base), result("adamw", adamw), missing]
-    target = bench_optimizers.auto_target(results)
-    assert target == 6  # the worse of the final mean losses 5 (baseline) and 6 (adamw)
-    rows, run_rows = bench_optimizers.report(results, target)
-    by = {r["variant"]: r for r in rows}
-    # baseline mean curve 10, 7, 5 crosses 6 halfway between steps 10 and 20
-    assert float(by["baseline"]["steps to target"]) == pytest.approx(15.0)
-    assert float(by["adamw"]["steps to target"]) == pytest.approx(20.0)
-    assert float(by["adamw"]["ratio to baseline"]) == pytest.approx(20 / 15, abs=1e-3)
-    assert by["svd"]["status"] == "missing" and by["svd"]["steps to target"] == ""
-    assert by["baseline"]["seed range"] == "10.0-20.0 (2/2)"  # seed 0 reaches 6 at step 10, seed 1 at step 20
-    assert len(run_rows) == 3
-    assert "fewer" in bench_optimizers.answer(rows) and "3325" in bench_optimizers.answer(rows)
-
 
 BASELINE = ROOT / "speedruns" / "train_gpt_medium.py"
 
