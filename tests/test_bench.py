@@ -46,6 +46,9 @@ def test_fit_and_crossing_recover_exact_curves():
     coef = bench.fit_curve(budgets, convex)
     assert coef == pytest.approx([3.0, -0.8, 0.05])
     assert math.exp(bench.log_crossing(coef, float(bench.curve_at(coef, 70.0)))) == pytest.approx(70.0)
+    concave = 0.1 + 1.16 * x - 0.16 * x**2  # falls over the budgets too (slope 1.16 - 0.32 x < 0 there)
+    coef = bench.fit_curve(budgets, concave)
+    assert math.exp(bench.log_crossing(coef, float(bench.curve_at(coef, 90.0)))) == pytest.approx(90.0)
     assert bench.log_crossing(np.array([1.0, 0.1, 0.0]), 0.5) == np.inf  # a loss that rises never crosses
     # two budgets: a line; batched over leading axes: two replicates at once
     two = bench.fit_curve(budgets[[0, 2]], np.stack([line[[0, 2]], line[[0, 2]] + 1]))

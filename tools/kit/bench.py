@@ -120,12 +120,15 @@ def curve_at(coef: np.ndarray, budget: float) -> np.ndarray:
 
 def log_crossing(coef: np.ndarray, target: np.ndarray) -> np.ndarray:
     """ln(budget) where the fitted curve falls through target (the root on its falling side), -> [...];
-    +inf where it never does. In the stable form x = 2 (c0 - T) / (-c1 + sqrt(c1^2 - 4 c2 (c0 - T)))."""
+    +inf where it never does. The falling-side root (slope -sqrt(disc) there) is (-c1 - sqrt(disc)) / (2 c2),
+    for a convex (c2 > 0) or a concave (c2 < 0) curve; in the form that stays exact as c2 -> 0,
+    x = 2 (c0 - T) / (-c1 + sqrt(c1^2 - 4 c2 (c0 - T)))."""
     c0, c1, c2 = coef[..., 0] - np.asarray(target), coef[..., 1], coef[..., 2]
     with np.errstate(divide="ignore", invalid="ignore"):
         disc = c1 * c1 - 4 * c2 * c0
         denom = -c1 + np.sqrt(np.where(disc >= 0, disc, np.nan))
-        x = np.where(denom > 0, 2 * c0 / np.where(denom > 0, denom, 1.0), np.nan)
+        ok = np.abs(denom) > 1e-12  # 0 only for a rising line (c2 = 0, c1 >= 0): no falling side
+        x = np.where(ok, 2 * c0 / np.where(ok, denom, 1.0), np.nan)
     return np.where(np.isfinite(x), x, np.inf)
 
 
