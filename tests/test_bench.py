@@ -82,6 +82,11 @@ def test_bootstrap_ci_excludes_one_for_a_clear_difference_and_widens_with_noise(
     assert slow.ci_low > 1 and not slow.extrapolated  # read on the baseline's curve, inside its budgets
     very_slow = bench.budget_ratio(budgets, power_law(budgets, 0.5, rng, 0.002), base, reps=100)
     assert very_slow.extrapolated and very_slow.ratio == pytest.approx(2.0, rel=0.02)
+    # a concave baseline whose extrapolated curve turns over: many replicates never reach AdamW-like losses
+    concave = np.log(budgets)
+    base_c = 0.1 + 1.16 * concave - 0.16 * concave**2 + 0.003 * rng.standard_normal((5, 3))
+    far = bench.budget_ratio(budgets, base_c + 0.2, base_c, reps=1000)
+    assert far.ci_low > 1.5 and far.extrapolated
     quiet = bench.budget_ratio(budgets, power_law(budgets, 1.0, rng, 0.001), base, reps=1000)
     noisy = bench.budget_ratio(budgets, power_law(budgets, 1.0, rng, 0.02), base, reps=1000)
     assert noisy.ci_high - noisy.ci_low > 3 * (quiet.ci_high - quiet.ci_low)

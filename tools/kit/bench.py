@@ -156,8 +156,10 @@ def log_ratio(budgets: np.ndarray, variant: np.ndarray, base: np.ndarray,
     cv, cb = fit_curve(budgets, variant), fit_curve(budgets, base)
     at_n = curve_at(cv, budgets[-1])
     base_at_target = log_crossing(cb, target)
-    fast_at = log_crossing(cv, target)
-    slow_at = log_crossing(cb, at_n)
+    # Each is read where the curve is at or above its loss at N; a fit that never gets there (a quadratic
+    # turning over far outside the budgets) is taken as reaching it before any budget: -inf.
+    fast_at = np.where(np.isinf(f := log_crossing(cv, target)), -np.inf, f)
+    slow_at = np.where(np.isinf(f := log_crossing(cb, at_n)), -np.inf, f)
     fast = at_n <= target
     with np.errstate(invalid="ignore"):
         ratio = np.where(fast, fast_at - base_at_target, base_at_target - slow_at)
@@ -180,7 +182,9 @@ def budget_ratio(budgets: list[int], table: np.ndarray, base: np.ndarray, reps: 
     Each bootstrap replicate resamples the seeds (rows) of both tables with replacement and recomputes
     the target, both fits and the ln ratio; the CI is ln ratio +- t(level, s + s' - 2) x the replicates'
     standard deviation (with rows inflated as in _inflate). Percentiles of 5 seeds would cover ~85%, the
-    t quantile on the bootstrap's standard error covers ~95% (tests/test_bench.py measures it).
+    t quantile on the bootstrap's standard error covers ~95% (tests/test_bench.py measures it). When more
+    than 10% of the replicates never cross (a variant far slower or faster than the budgets measure), the
+    CI is the replicates' percentiles instead, with those at +-inf (e.g. [2.2, inf]).
     The budget to target is the ratio times the baseline's."""
     from scipy import stats as scipy_stats
 
@@ -196,7 +200,11 @@ def budget_ratio(budgets: list[int], table: np.ndarray, base: np.ndarray, reps: 
     boot = log_ratio(budgets, tv, tb, tb[:, -1])[0]
     finite = boot[np.isfinite(boot)]
     if len(finite) < 0.9 * reps or not np.isfinite(ln_r):
-        low, high = 0.0, math.inf  # the fits often do not cross the target: no claim
+        # far outside the budgets the fits often never reach the other's loss: such a replicate is slower
+        # than anything measured (+inf, or -inf for faster); percentiles of all replicates then
+        boot = np.where(np.isnan(boot), np.inf, boot)
+        tail = 100 * (1 - level) / 2
+        low, high = np.exp(np.percentile(boot, [tail, 100 - tail], method="lower"))
     else:
         df = max(1, len(table) + len(base) - 2)
         half = float(scipy_stats.t.ppf(0.5 + level / 2, df)) * float(finite.std(ddof=1))
