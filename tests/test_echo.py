@@ -3,6 +3,7 @@ fit, and CPU-preset runs (kappa = 0 is the baseline; 2 processes = 1 process wit
 
 import math
 import re
+import sys
 
 import pytest
 import torch
@@ -244,9 +245,24 @@ def test_assignment_equals_scipys(exact, seed):
     assert (costs[1] > exact.SURE_MATCH).sum() >= 5  # the planted case also takes the sure-pair path
 
 
+def test_assignment_without_scipy_uses_the_numpy_solver(exact, monkeypatch):
+    """A script must run where scipy is not installed: assign_directions then falls back to hungarian,
+    with the same optimum."""
+    from scipy.optimize import linear_sum_assignment
+
+    g = torch.Generator().manual_seed(7)
+    cost = torch.rand(24, 24, generator=g, dtype=torch.float64) / 24
+    want = linear_sum_assignment(cost.numpy(), maximize=True)[1]
+    calls, numpy_solver = [], exact.hungarian
+    monkeypatch.setitem(sys.modules, "scipy.optimize", None)  # `from scipy.optimize import ...` fails
+    monkeypatch.setattr(exact, "hungarian", lambda c: calls.append(c) or numpy_solver(c))
+    got = exact.assign_directions(cost).numpy()
+    assert calls, "the numpy solver was not used"
+    assert list(got) == list(want)
+
+
 def test_exact_echo_equals_analysis(exact):
     """The same 8 replicas through analysis_lib's tree and through echo_exact: the same zeta (1e-5)."""
-    import sys
 
     sys.path.insert(0, str(ROOT))
     from analysis_lib import tree
