@@ -66,12 +66,15 @@ class Fit(NamedTuple):
     blocked: list[str]  # "variant (why)" for the variants that failed already with the patch as it was
 
 
-def fit_patch(manifest: dict[str, list[str]], stack: list[str], body: str, header: str, builder: Builder) -> Fit:
+def fit_patch(manifest: dict[str, list[str]], stack: list[str], body: str, header: str, builder: Builder,
+              new: bool = False) -> Fit:
     """The patch text that turns the build of stack[:-1] into body, as make_patch writes it.
 
     The widest context in CONTEXTS with which every manifest variant using the patch still applies
     (else 3 lines, with the variants it breaks listed); variants that fail with the patch as it is now
-    do not count (they are listed as blocked). PatchError when the diff does not reproduce body.
+    do not count (they are listed as blocked), unless the patch is `new` (no file yet: every variant
+    that uses it fails now, and each is built with the new text). PatchError when the diff does not
+    reproduce body.
     """
     name = stack[-1]
     base = builder(stack[:-1])
@@ -79,7 +82,8 @@ def fit_patch(manifest: dict[str, list[str]], stack: list[str], body: str, heade
     for variant, patches in manifest.items():
         if name in patches:
             try:  # a variant that fails with the patch as it is now is not a reason to narrow its context
-                builder(patches)
+                if not new:
+                    builder(patches)
                 users.append((variant, patches))
             except PatchError as e:
                 already_broken.append(f"{variant} ({e})")
@@ -202,7 +206,7 @@ def main(argv=None) -> None:
     header = ap.split_patch(old_path.read_text(encoding="utf-8"))[0] if old_path.is_file() else ""
     header = header or HEADER_TEMPLATE.format(name=name)
     try:
-        fit = fit_patch(manifest, patches, body, header, builder)
+        fit = fit_patch(manifest, patches, body, header, builder, new=not old_path.is_file())
     except PatchError as e:
         raise SystemExit(f"error: {e}; nothing written") from None
     ap.atomic_write(old_path, fit.text.encode("utf-8"))
