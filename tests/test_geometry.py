@@ -520,50 +520,23 @@ RUN_STEPS = 4
 
 # Runs every variant's main() in one launch (one torch import and, under torchrun, one process group for
 # all of them): process start-up is most of a short run's cost.
-RUNNER = """
-import importlib.util, os, sys
-import torch
-import torch.distributed as dist
-world = int(os.environ.get("WORLD_SIZE", 1))
-if world > 1:
-    dist.init_process_group("gloo")
-    destroy, dist.destroy_process_group = dist.destroy_process_group, lambda: None
-argv = [a for a in sys.argv[1:] if not a.startswith("--run_id=")]
-for path in os.environ["GEOMETRY_SCRIPTS"].split(os.pathsep):
-    spec = importlib.util.spec_from_file_location("variant", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    if world > 1:
-        mod.setup_distributed = lambda args: (dist.get_rank(), world, torch.device("cpu"))
-    mod.main(argv + ["--run_id=" + os.path.basename(path)[len("train_gpt_medium_"):-3]])
-if world > 1:
-    destroy()
-"""
-
-
 @pytest.fixture(scope="module")
 def variant_runs(tmp_path_factory, tiny_data):
-    """{nproc: {variant: [(step, val_loss)]}} for RUN_STEPS steps on 2 micro-batches, 1 and 2 processes."""
-    import os
-
+    """{nproc: {variant: [(step, val_loss)]}} for RUN_STEPS steps on 2 micro-batches, 1 and 2 processes.
+    One launch per variant and process count: each run gets its own process group, as a user's does."""
     tmp = tmp_path_factory.mktemp("geometry_runs")
-    runner = tmp / "run_variants.py"
-    runner.write_text(RUNNER)
-    scripts = [str(ROOT / "speedruns" / f"train_gpt_medium_{v}.py") for v in GEOMETRY_VARIANTS]
-    os.environ["GEOMETRY_SCRIPTS"] = os.pathsep.join(scripts)
-    try:
-        out = {}
-        for nproc in (1, 2):
-            run_training(runner, tmp / f"p{nproc}", tiny_data, "--micro_batches=2", f"--num_iterations={RUN_STEPS}",
-                         f"--val_loss_every={RUN_STEPS // 2}", nproc=nproc)
-            out[nproc] = {}
-            for v in GEOMETRY_VARIANTS:
-                run = parse_log(tmp / f"p{nproc}" / "logs" / f"{v}.txt").runs[0]
-                assert run.finished and run.steps == RUN_STEPS, v
-                out[nproc][v] = [(x.step, x.val_loss) for x in run.validations]
-        return out
-    finally:
-        del os.environ["GEOMETRY_SCRIPTS"]
+    out = {}
+    for nproc in (1, 2):
+        out[nproc] = {}
+        for v in GEOMETRY_VARIANTS:
+            script = ROOT / "speedruns" / f"train_gpt_medium_{v}.py"
+            _, log, _ = run_training(script, tmp / f"p{nproc}", tiny_data, "--micro_batches=2",
+                                     f"--num_iterations={RUN_STEPS}", f"--val_loss_every={RUN_STEPS // 2}",
+                                     nproc=nproc, run_id=v)
+            run = parse_log(log).runs[0]
+            assert run.finished and run.steps == RUN_STEPS, v
+            out[nproc][v] = [(x.step, x.val_loss) for x in run.validations]
+    return out
 
 
 @pytest.mark.parametrize("variant", GEOMETRY_VARIANTS)
