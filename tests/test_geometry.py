@@ -1,5 +1,5 @@
 """The geometry variants keep their weights on their manifolds: sphere, stiefel, l1_stiefel, oblique,
-block_stiefel, sl.
+block_stiefel, sl, symplectic.
 
 Each variant's functions are loaded from its generated script. The constraint tests drive the variant's
 own Muon for 100 steps on random gradients at the CPU preset's shapes (model_dim 64: the attention
@@ -7,8 +7,9 @@ stack [4, 64, 64] with o zero, the MLP in [256, 64], the MLP out [64, 256] zero)
 the zero-initialised matrices stay off the manifold and move. The full shapes get 3 steps of the
 geometry alone, driven by Gaussian directions, where a step is cheap: sphere and oblique at
 1024 x 4096 (row and column norms), sl at 1024 x 1024 (it applies to square matrices only; an fp64
-slogdet and inverse). One Newton-Schulz call at 1024 x 4096 costs about 4 s on one CPU thread and a
-stiefel step on the MLP in takes up to 20 msigns of 8 iterations each, so the msign-based variants (stiefel, l1_stiefel,
+slogdet and inverse), symplectic at 1024 x 1024 (square only; one Newton-Schulz call and one solve a
+step). One Newton-Schulz call at 1024 x 4096 costs about 4 s on one CPU thread and a stiefel step on the
+MLP in takes up to 20 msigns of 8 iterations each, so the msign-based variants (stiefel, l1_stiefel,
 block_stiefel) are checked at the CPU preset's shapes only.
 """
 
@@ -419,6 +420,104 @@ def test_sl_at_the_full_square_shape(scripts):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# symplectic
+
+
+def symplectic_defect(X):
+    """||X^T J X - J||_F / ||J||_F in fp64, per matrix."""
+    X = X.double()
+    n = X.size(-1) // 2
+    J = torch.zeros(X.size(-1), X.size(-1), dtype=torch.float64)
+    J[:n, n:], J[n:, :n] = torch.eye(n), -torch.eye(n)
+    return (X.mT @ J @ X - J).norm(dim=(-2, -1)) / J.norm()
+
+
+def test_symplectic_start_is_orthogonal_and_symplectic(scripts):
+    mod = script(scripts, "symplectic")
+    W = mod.orthosymplectic_start(preset_params()[0].detach())
+    X = W[:3].double() / mod.SYMPLECTIC_SCALE
+    assert float(symplectic_defect(X).max()) < 1e-6
+    torch.testing.assert_close(X.mT @ X, torch.eye(DIM, dtype=torch.float64).expand(3, -1, -1), rtol=0, atol=1e-6)
+    assert float(W[3].norm()) == 0  # the attention out stays zero
+    assert torch.equal(W, mod.orthosymplectic_start(preset_params()[0].detach()))  # the same on every process
+    assert not torch.equal(W[0], W[1])
+
+
+def test_symplectic_keeps_the_form(scripts):
+    """The group is not compact: steps along a persistent momentum spread X's singular values (here to
+    about 500 and 1/500 in 100 steps), and fp32 rounding of X^T J X grows with ||X||_2^2. So the defect is
+    checked against that scale at every step, and plainly (1e-4 relative) while ||X||_2 <= 10."""
+    mod = script(scripts, "symplectic")
+    for polish in (1, 0):  # without the correction the Cayley steps alone still hold it to fp32 rounding
+        params = preset_params()
+        with torch.no_grad():
+            params[0].copy_(mod.orthosymplectic_start(params[0]))
+        start, fc0 = params[0].detach().clone(), params[1].detach().clone()
+        seen = []
+
+        def after_step(step, muon, params=params, seen=seen):
+            X = params[0].detach()[:3] / mod.SYMPLECTIC_SCALE
+            seen.append((float(symplectic_defect(X).max()), float(torch.linalg.matrix_norm(X.double(), 2).max())))
+
+        muon = run_muon(mod, params, {"symplectic_polish": polish}, after_step=after_step)
+        assert all(d < 1e-6 * norm**2 for d, norm in seen), (polish, seen)
+        plain = [d for d, norm in seen if norm <= 10]
+        assert len(plain) >= 20 and max(plain) < 1e-4, (polish, plain)
+        assert float((params[0].detach()[:3] - start[:3]).norm()) > 0.1  # it moved
+        # attention out (zero) is off the manifold; the MLP matrices are not square: baseline steps
+        assert muon.state[params[0]]["on_manifold"].tolist() == [True, True, True, False]
+        assert float(params[0].detach()[3].norm()) > 0.1 and float(params[2].detach().norm()) > 0.1
+        assert "on_manifold" not in muon.state[params[1]] and float((params[1].detach() - fc0).norm()) > 0.1
+
+
+def test_symplectic_tangent_projection_and_step(scripts):
+    mod = script(scripts, "symplectic")
+    g = torch.Generator().manual_seed(19)
+    n = 40
+    J = mod.j_times(torch.eye(n, dtype=torch.float64))
+    M = torch.randn(3, n, n, generator=g, dtype=torch.float64)
+    H = mod.hamiltonian_part(M)
+    torch.testing.assert_close(mod.hamiltonian_part(H), H, rtol=0, atol=1e-12)  # idempotent
+    assert float((H.mT @ J + J @ H).abs().max()) < 1e-12  # Hamiltonian: the algebra of the group
+    S = torch.randn(3, n, n, generator=g, dtype=torch.float64)
+    assert float(((M - H) * (J @ (S + S.mT))).sum((-2, -1)).abs().max()) < 1e-10  # the rest is normal to it
+    # at an orthogonal symplectic X the tangent space is X Ham and X P(X^T G) is G's Euclidean projection
+    X = mod.orthosymplectic_start(torch.randn(n, n, generator=g, dtype=torch.float64)) / mod.SYMPLECTIC_SCALE
+    T = X @ mod.hamiltonian_part(X.mT @ M[0])
+    assert float(((M[0] - T) * (X @ J @ (S[0] + S[0].mT))).sum().abs()) < 1e-10
+    # the Cayley transform of a Hamiltonian matrix is symplectic; J msign(S) = msign(J S) for symmetric S
+    assert float(symplectic_defect(mod.cayley(0.3 * H)).max()) < 1e-12
+    sym = S + S.mT
+    U, _, Vh = torch.linalg.svd(J @ sym)
+    Us, _, Vhs = torch.linalg.svd(sym)
+    torch.testing.assert_close(J @ (Us @ Vhs), U @ Vh, rtol=0, atol=1e-10)
+
+
+def test_symplectic_at_the_full_square_shape(scripts):
+    mod = script(scripts, "symplectic")
+    g = torch.Generator().manual_seed(20)
+    bound = math.sqrt(3) * 0.5 / math.sqrt(1024)
+    W = mod.orthosymplectic_start((torch.rand(2, 1024, 1024, generator=g) * 2 - 1) * bound)
+    W[1] = 0.0
+    state = {}
+    for _ in range(3):
+        mod.symplectic_step_(W, torch.randn(W.shape, generator=g) / 32, 0.05, 0.99, state)
+    assert float(symplectic_defect(W[0] / mod.SYMPLECTIC_SCALE)) < 1e-4 and float(W[1].norm()) > 0
+
+
+def test_symplectic_build_optimizers_starts_on_the_manifold(scripts):
+    mod = script(scripts, "symplectic")
+    args = mod.parse_args(["--preset=cpu", "--symplectic_polish=-1"])
+    with pytest.raises(SystemExit, match="symplectic_polish"):
+        mod.build_optimizers(mod.GPT(args), args, 0, 1)
+    args = mod.parse_args(["--preset=cpu"])
+    model = mod.GPT(args)
+    mod.build_optimizers(model, args, 0, 1)
+    qkvo = model.blocks[0].attn.qkvo_w.detach()
+    assert float(symplectic_defect(qkvo[:3] / mod.SYMPLECTIC_SCALE).max()) < 1e-5 and float(qkvo[3].norm()) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
 # block_stiefel
 
 HEADS = 2  # the CPU preset's num_heads
@@ -510,12 +609,16 @@ def test_every_geometry_step_goes_downhill(scripts):
     S = block.head_block_project(preset_params()[0].detach(), HEADS)
     V = torch.randn(S.shape, generator=g)
     assert first_order_change(lambda w, u: block.head_block_step_(w, u, 0.05, 1.0, HEADS), S.clone(), V) < 0
+    symplectic = script(scripts, "symplectic")
+    P = symplectic.orthosymplectic_start(preset_params()[0].detach())[:3].clone()
+    V = torch.randn(P.shape, generator=g)
+    assert first_order_change(lambda w, u: symplectic.symplectic_step_(w, u, 0.05, 1.0, {}), P, V) < 0
 
 
 # ----------------------------------------------------------------------------------------------------------
 # each variant: short CPU-preset runs end finite, and 2 processes equal 1 process accumulating 2 micro-batches
 
-GEOMETRY_VARIANTS = ["sphere", "stiefel", "l1_stiefel", "oblique", "block_stiefel", "sl"]
+GEOMETRY_VARIANTS = ["sphere", "stiefel", "l1_stiefel", "oblique", "block_stiefel", "sl", "symplectic"]
 RUN_STEPS = 4
 
 # Runs every variant's main() in one launch (one torch import and, under torchrun, one process group for
