@@ -161,6 +161,23 @@ def test_make_patch_keeps_stacks_it_would_break_unchanged(repo):
     assert "polar_normuon:" in run_tool("apply_patch", "--check", root=repo).stdout
 
 
+def test_make_patch_onto_stack_repairs_a_patch_a_change_below_it_broke(repo):
+    """After an edit to polar breaks normuon, writing the hand-fixed polar_normuon back repairs normuon and
+    regenerates every stack on it, with no error."""
+    polar = repo / "speedruns" / "train_gpt_medium_polar.py"
+    polar.write_text(polar.read_text().replace("def fp32_master(p, state):", "# new line\ndef fp32_master(p, state):"))
+    assert run_tool("make_patch", "polar", root=repo).returncode == 1  # normuon no longer applies
+    stacked = repo / "speedruns" / "train_gpt_medium_polar_normuon.py"
+    fixed = stacked.read_text().replace("def fp32_master(p, state):", "# new line\ndef fp32_master(p, state):")
+    assert fixed != stacked.read_text()
+    stacked.write_text(fixed)
+    result = run_tool("make_patch", "polar_normuon", "--onto-stack", root=repo)
+    assert result.returncode == 0, result.stderr
+    assert "# new line" in (repo / "speedruns" / "train_gpt_medium_polar_normuon_cwd.py").read_text()
+    assert run_tool("make_patch", "--all", root=repo).returncode == 0  # cwd's line numbers moved with the edit
+    assert run_tool("apply_patch", "--check", root=repo).returncode == 0
+
+
 def test_make_patch_onto_stack_rewrites_the_last_patch(repo):
     path = repo / "speedruns" / "train_gpt_medium_polar_normuon.py"
     edited = path.read_text().replace("NORMUON_BETA2 = 0.95", "NORMUON_BETA2 = 0.9")

@@ -66,27 +66,24 @@ class Fit(NamedTuple):
     blocked: list[str]  # "variant (why)" for the variants that failed already with the patch as it was
 
 
-def fit_patch(manifest: dict[str, list[str]], stack: list[str], body: str, header: str, builder: Builder,
-              new: bool = False) -> Fit:
+def fit_patch(manifest: dict[str, list[str]], stack: list[str], body: str, header: str, builder: Builder) -> Fit:
     """The patch text that turns the build of stack[:-1] into body, as make_patch writes it.
 
     The widest context in CONTEXTS with which every manifest variant using the patch still applies
-    (else 3 lines, with the variants it breaks listed); variants that fail with the patch as it is now
-    do not count (they are listed as blocked), unless the patch is `new` (no file yet: every variant
-    that uses it fails now, and each is built with the new text). PatchError when the diff does not
-    reproduce body.
+    (else 3 lines, with the variants it breaks listed). A variant that fails with the patch as it is now
+    (a new patch with no file yet, or one a change below it broke) is built with the new text too, but
+    is not a reason to narrow the context; if it still fails it is listed as blocked. PatchError when the
+    diff does not reproduce body.
     """
     name = stack[-1]
     base = builder(stack[:-1])
-    users, already_broken = [], []
-    for variant, patches in manifest.items():
-        if name in patches:
-            try:  # a variant that fails with the patch as it is now is not a reason to narrow its context
-                if not new:
-                    builder(patches)
-                users.append((variant, patches))
-            except PatchError as e:
-                already_broken.append(f"{variant} ({e})")
+    users = [(variant, patches) for variant, patches in manifest.items() if name in patches]
+    failing_now = set()
+    for variant, patches in users:
+        try:
+            builder(patches)
+        except PatchError:
+            failing_now.add(variant)
     best = None
     for context in CONTEXTS:  # narrower context lets a patch also apply on stacks that edit lines near it
         diff = unified_diff(base, body, context)
@@ -95,14 +92,14 @@ def fit_patch(manifest: dict[str, list[str]], stack: list[str], body: str, heade
         text = header + diff
         if builder(stack, {name: text}) != body:
             raise PatchError(f"the new {name!r} does not reproduce {' + '.join(stack)}")
-        regenerated, broken = [], []
+        regenerated, broken, blocked = [], [], []
         for variant, patches in users:
             try:
                 regenerated.append((variant, patches, add_header(builder(patches, {name: text}), variant, patches)))
             except PatchError as e:
-                broken.append(f"{variant} ({e})")
+                (blocked if variant in failing_now else broken).append(f"{variant} ({e})")
         if best is None or not broken:
-            best = Fit(context, text, regenerated, broken + already_broken, already_broken)
+            best = Fit(context, text, regenerated, broken + blocked, blocked)
         if not broken:
             break
     return best
@@ -206,7 +203,7 @@ def main(argv=None) -> None:
     header = ap.split_patch(old_path.read_text(encoding="utf-8"))[0] if old_path.is_file() else ""
     header = header or HEADER_TEMPLATE.format(name=name)
     try:
-        fit = fit_patch(manifest, patches, body, header, builder, new=not old_path.is_file())
+        fit = fit_patch(manifest, patches, body, header, builder)
     except PatchError as e:
         raise SystemExit(f"error: {e}; nothing written") from None
     ap.atomic_write(old_path, fit.text.encode("utf-8"))
