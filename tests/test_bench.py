@@ -214,6 +214,39 @@ def test_a_killed_bench_resumes_with_only_the_missing_runs(tmp_path):
     assert read_csv(tmp_path / "bench.csv") == read_csv(tmp_path / "fresh" / "bench.csv")
 
 
+def test_sigterm_stops_the_bench_after_the_running_trainings(tmp_path, capsys):
+    """A SIGTERM during a run: no further run starts, the bench exits 128 + 15, and the same command later
+    runs only what is missing."""
+    import os
+    import signal
+
+    speeds = {"baseline": 1.0, "adamw": 0.7}
+    trainer = FakeTrainer(speeds, {})
+
+    def terminated_on_the_third(cmd, cwd, stdout_path):
+        rc = trainer(cmd, cwd, stdout_path)
+        if len(trainer.calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while this run is the one running
+        return rc
+
+    def ignored(signum, frame):  # what SIGTERM does outside the bench here (so a bench that lets it through
+        pass  # does not kill pytest, it just runs on and fails the count below)
+
+    before = signal.signal(signal.SIGTERM, ignored)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            bench.main([*ARGS, f"--out={tmp_path}", "--variants=baseline,adamw"], runner=terminated_on_the_third,
+                       root=ROOT)
+        assert signal.getsignal(signal.SIGTERM) is ignored  # restored, not left forwarding
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert len(trainer.calls) == 3 and "the same command resumes" in capsys.readouterr().out
+    resumed = FakeTrainer(speeds, {})
+    bench.main([*ARGS, f"--out={tmp_path}", "--variants=baseline,adamw"], runner=resumed, root=ROOT)
+    assert len(resumed.calls) == 8 + 2 * 3 * 5 - 3
+
+
 def test_a_positive_control_built_to_fail_fails_loudly(tmp_path, capsys):
     trainer = FakeTrainer({"baseline": 1.0, "adamw": 1.0}, {})  # AdamW as fast as Muon
     with pytest.raises(SystemExit) as err:

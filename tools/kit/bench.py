@@ -19,11 +19,13 @@ is printed at the end and the command exits with status 1.
 
 Which setting is a variant's learning rate: `lr = "<field>"` in its table of patches/variants.toml
 (default muon_lr). Default variants: baseline, adamw, polar_normuon_cwd and every echo* variant whose
-script exists and whose table declares lr, but echo_exact (~3.6x the baseline's step: name it in
---variants). Settings of a variant that do not scale down by themselves get bench values when its
+script exists and whose table declares lr, but echo_exact (~2.7x the baseline's step at the bench
+preset: name it in --variants). Settings of a variant that do not scale down by themselves get bench values when its
 script has them (SCALE_SETTINGS; adamw's warm-up is a share of the run and needs none).
 Extra `--field=value` options go to every run. Runs are cached by a run id that hashes the command
 and the script's code: a rerun (after a kill, or with more seeds) runs only what is missing.
+Stopping: SIGINT or SIGTERM is passed on to the running trainings; no further run starts, and the
+bench exits (128 + signal) once they have; a second signal kills them. The same command resumes.
 Outputs in OUT (default bench_out/): bench.csv, bench_runs.csv, bench.png, bench.txt (the table), logs/.
 `--quick`: no LR grid (the declared rates), budgets 0.6 and 1.0, 2 seeds, no control verdicts.
 """
@@ -48,7 +50,7 @@ import numpy as np
 from . import stats, variants
 from .cliutil import atomic_savefig, atomic_write_text, format_table, make_parser, write_csv
 from .compare import group_curve
-from .sweep import Point, finished_run, launch_prefix, run_id_for, script_sha
+from .sweep import CHILDREN, Interrupted, Point, finished_run, forwarding_signals, launch_prefix, run_id_for, script_sha
 
 PRESET = "bench"
 DEFAULT_VARIANTS = ["baseline", "adamw", "polar_normuon_cwd"]
@@ -70,11 +72,17 @@ Runner = Callable[[list[str], Path, Path], int]
 
 
 def subprocess_runner(cmd: list[str], cwd: Path, stdout_path: Path) -> int:
-    """Run cmd in cwd at one OpenMP thread (unless OMP_NUM_THREADS is set), output to stdout_path."""
+    """Run cmd in cwd at one OpenMP thread (unless OMP_NUM_THREADS is set), output to stdout_path, in a
+    session of its own that a SIGINT or SIGTERM to the bench is passed on to (tools/sweep's CHILDREN)."""
     stdout_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with open(stdout_path, "w", encoding="utf-8") as out:
-        return subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    CHILDREN.add(proc)
+    try:
+        return proc.wait()
+    finally:
+        CHILDREN.discard(proc)
 
 
 # ----------------------------------------------------------------------------- math (pure)
@@ -381,6 +389,8 @@ def execute(runs: list[BenchRun], root: Path, parallel: int, runner: Runner, pro
     progress.add(todo)
 
     def work(r: BenchRun) -> None:
+        if CHILDREN.signum is not None:  # stopping: start nothing more
+            return
         if r.point.log_path.exists():  # an interrupted run: keep its partial log aside, rerun it
             os.replace(r.point.log_path, r.point.log_path.with_name(r.point.log_path.name + ".partial"))
         started = time.monotonic()
@@ -395,6 +405,10 @@ def execute(runs: list[BenchRun], root: Path, parallel: int, runner: Runner, pro
     else:
         with ThreadPoolExecutor(max_workers=parallel) as pool:
             list(pool.map(work, todo))
+    if CHILDREN.signum is not None:
+        print("tools/bench: stopped; the same command resumes (finished runs are reused); --report prints "
+              "the table of the runs finished so far", flush=True)
+        raise Interrupted(CHILDREN.signum)
 
 
 def finals(runs: list[BenchRun]) -> dict[tuple[int, int], float]:
@@ -722,8 +736,10 @@ def main(argv: list[str] | None = None, runner: Runner = subprocess_runner, root
           f"{seeds} seeds; {'no LR grid' if args.quick else f'LR grid of {args.lr_points} x {args.lr_seeds} seed(s)'}; "
           f"{args.parallel} at a time; out {out}", flush=True)
     started = time.monotonic()
-    _, failed = run_bench(names, out, budget_n, budget_fracs, seeds, args.lr_points, args.lr_seeds, args.parallel,
-                          extra, args.quick, root, runner, report_only=args.report)
+    CHILDREN.reset()
+    with forwarding_signals():  # SIGINT / SIGTERM: passed on to the running trainings, then a clean stop
+        _, failed = run_bench(names, out, budget_n, budget_fracs, seeds, args.lr_points, args.lr_seeds, args.parallel,
+                              extra, args.quick, root, runner, report_only=args.report)
     print(f"wall time {time.monotonic() - started:.0f} s", flush=True)
     if failed:
         print("\n" + "!" * 80 + "\n" + "\n".join(failed) + "\n" + "!" * 80, flush=True)
