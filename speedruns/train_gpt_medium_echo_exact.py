@@ -813,58 +813,68 @@ class Muon(torch.optim.Optimizer):
         state["echo_zeta"], state["echo_tau2_ratio"] = zeta_mean.view(p.shape[:-2]), ratio.view(p.shape[:-2])
         return update.view(p.shape)
 
-    def echo(self, p, state, nesterov, update, b):
-        """update = msign(nesterov) shrunk by the echo law, tau^2 = kappa c(b) sigma^2 (sqrt(m) + sqrt(n))^2
-        per matrix, sigma^2 the EMA of the step's noise variance from the replica statistics."""
-        sigma2 = self.replica_stats.noise_variance(p)
-        if "noise_ema" not in state:
-            state["noise_ema"] = sigma2
-        state["noise_ema"].lerp_(sigma2, 1 - self.echo_ema)
-        m, n = p.shape[-2:]
-        tau2 = self.echo_kappa * momentum_noise_factor(b) * state["noise_ema"] * (m**0.5 + n**0.5) ** 2
-        shrunk, smax2 = echo_shrink(nesterov, update, tau2)
+    def echo(self, params, nesterovs, updates, b):
+        """The updates msign(nesterov) of same-shape parameters shrunk by the echo law in one batched solve,
+        tau^2 = kappa c(b) sigma^2 (sqrt(m) + sqrt(n))^2 per matrix, sigma^2 the EMA of the step's noise
+        variance from the replica statistics. -> the shrunk updates, in the order of params."""
+        tau2 = []
+        for p in params:
+            state, sigma2 = self.state[p], self.replica_stats.noise_variance(p)
+            if "noise_ema" not in state:
+                state["noise_ema"] = sigma2
+            state["noise_ema"].lerp_(sigma2, 1 - self.echo_ema)
+            m, n = p.shape[-2:]
+            tau2.append(self.echo_kappa * momentum_noise_factor(b) * state["noise_ema"] * (m**0.5 + n**0.5) ** 2)
+        update = torch.stack(updates)
+        shrunk, smax2 = echo_shrink(torch.stack(nesterovs), update, torch.stack(tau2))
         tiny = torch.finfo(torch.float32).tiny
-        state["echo_zeta"] = (shrunk * update.float()).sum(dim=(-2, -1)) / squared_norms(update).clamp_min(tiny)
-        state["echo_tau2_ratio"] = tau2 / smax2.clamp_min(tiny)
+        zeta = (shrunk * update.float()).sum(dim=(-2, -1)) / squared_norms(update).clamp_min(tiny)
+        for p, z, t, s in zip(params, zeta, tau2, smax2, strict=True):
+            self.state[p]["echo_zeta"], self.state[p]["echo_tau2_ratio"] = z, t / s.clamp_min(tiny)
         if self.echo_keep_norm:
             shrunk = shrunk * (squared_norms(update) / squared_norms(shrunk).clamp_min(tiny)).sqrt()[..., None, None]
-        return shrunk
+        return shrunk.unbind(0)
 
     @torch.no_grad()
-    def update(self, p, group):
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-        buf, m = state["momentum_buffer"], group["momentum"]
-        grad = p.grad.float()
-        buf.lerp_(grad, 1 - m)
-        nesterov = grad.lerp_(buf, m)  # m * buf + (1 - m) * grad
-        if self.replica_grads is not None:
-            update = self.exact_echo(p, state, m)
-        else:
-            update = orthogonalize(nesterov)
-            if self.echo_kappa > 0:
-                update = self.echo(p, state, nesterov, update, m)
-        scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-        master = fp32_master(p, state)
-        master.mul_(1 - group["lr"] * group["weight_decay"] * group["wd_mul"])
-        master.add_(update.float(), alpha=-group["lr"] * scale)
-        store_master(p, state, master)
+    def update(self, params, group):
+        """The Muon step of this process's parameters of a group (all of one shape): each its own momentum
+        and Newton-Schulz, the echo's solve batched over all of them."""
+        nesterovs, updates = [], []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+            buf, m = state["momentum_buffer"], group["momentum"]
+            grad = p.grad.float()
+            buf.lerp_(grad, 1 - m)
+            nesterovs.append(grad.lerp_(buf, m))  # m * buf + (1 - m) * grad
+            if self.replica_grads is not None:
+                updates.append(self.exact_echo(p, state, m))
+            else:
+                updates.append(orthogonalize(nesterovs[-1]))
+        if self.echo_kappa > 0 and params and self.replica_grads is None:
+            updates = self.echo(params, nesterovs, updates, group["momentum"])
+        for p, update in zip(params, updates, strict=True):
+            state = self.state[p]
+            scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+            master = fp32_master(p, state)
+            master.mul_(1 - group["lr"] * group["weight_decay"] * group["wd_mul"])
+            master.add_(update.float(), alpha=-group["lr"] * scale)
+            store_master(p, state, master)
 
     @torch.no_grad()
     def step(self):
-        gathers = []  # asynchronous: each all-gather overlaps the updates that follow it
+        gathers = []  # asynchronous: each group's all-gathers overlap the next group's updates
         for group in self.param_groups:
             params = group["params"]
+            self.update(params[self.rank::self.world_size], group)
+            if self.world_size == 1:
+                continue
             for base in range(0, len(params), self.world_size):
-                mine = base + self.rank
-                if mine < len(params):
-                    self.update(params[mine], group)
-                if self.world_size > 1:
-                    chunk = [params[i] if i < len(params) else torch.empty_like(params[base])
-                             for i in range(base, base + self.world_size)]
-                    src = chunk[self.rank].data.clone()
-                    gathers.append((dist.all_gather([t.data for t in chunk], src, async_op=True), src))
+                chunk = [params[i] if i < len(params) else torch.empty_like(params[base])
+                         for i in range(base, base + self.world_size)]
+                src = chunk[self.rank].data.clone()
+                gathers.append((dist.all_gather([t.data for t in chunk], src, async_op=True), src))
         for handle, _ in gathers:
             handle.wait()
 

@@ -67,6 +67,47 @@ def test_stacked_matrices_get_their_own_tau2(echo):
         assert (got[k] - reference_shrink(Ms[k], float(tau2[k]))[0]).abs().max() < 1e-10
 
 
+class PlantedNoise:
+    """Stands in for ReplicaStats: a fixed noise variance per matrix of each parameter."""
+
+    def __init__(self, sigma2):
+        self.sigma2 = sigma2
+
+    def noise_variance(self, p):
+        return self.sigma2[p].clone()
+
+
+def test_the_solve_batched_over_a_groups_parameters_equals_one_at_a_time(echo):
+    """Muon.update takes all of a process's same-shape parameters and shrinks them in one solve: the same
+    steps, zeta and tau^2 ratios as shrinking each parameter alone."""
+    shapes = [(4, 24, 24), (4, 24, 24), (4, 24, 24)]
+    runs = []
+    for together in (True, False):
+        params = [torch.nn.Parameter(torch.randn(sh, generator=torch.Generator().manual_seed(i)) * 0.1)
+                  for i, sh in enumerate(shapes)]
+        muon = echo.Muon([dict(params=params, wd_mul=1.0)], lr=0.05, momentum=0.95, weight_decay=0.01,
+                         rank=0, world_size=1)
+        muon.echo_kappa, muon.echo_ema = 2.0, 0.9
+        muon.replica_stats = PlantedNoise({p: torch.full((4,), 10.0**-k) for k, p in enumerate(params)})
+        grads = torch.Generator().manual_seed(4)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=grads)
+            if together:
+                muon.step()
+            else:
+                for p in params:
+                    muon.update([p], muon.param_groups[0])
+        runs.append((params, muon))
+    (batched, mb), (alone, ma) = runs
+    for p, q in zip(batched, alone, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6)
+        for key in ("echo_zeta", "echo_tau2_ratio"):
+            torch.testing.assert_close(mb.state[p][key], ma.state[q][key], rtol=1e-5, atol=0)
+    zeta = torch.stack([mb.state[p]["echo_zeta"] for p in batched])
+    assert float(zeta[2].min()) > float(zeta[0].max()) + 0.05  # each parameter got its own tau^2
+
+
 def test_zero_tau2_gives_msign_and_zero_matrix_stays_zero(echo):
     M, _, _ = planted(torch.linspace(1.0, 0.1, 20), 20, 30, dtype=torch.float32)
     O = echo.orthogonalize(M)
