@@ -193,8 +193,11 @@ class RealSweep:
         return [sys.executable, "-c", code]
 
     def start(self, **env):
+        # as from a terminal: SIGINT at its default even where pytest itself runs as a background job (which
+        # starts with SIGINT ignored, and the sweep keeps an ignored SIGINT ignored)
         proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, **env})
+                                env={**os.environ, **env},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.pids.append(proc.pid)
         return proc
 
