@@ -557,23 +557,26 @@ def plot(path: Path, results: list[Result], main_runs: list[BenchRun], budgets: 
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(results) > len(colors):  # more variants than the default cycle: no two may share a colour
+        colors = [plt.get_cmap("tab20")(k) for k in range(20)]
     target = next((r.speed.target for r in results if r.variant == "baseline" and r.speed), None)
     x = np.array(budgets, np.float64)
     for i, r in enumerate(results):
         if r.table is None:
             continue
         color = colors[i % len(colors)]
+        style = "-" if i < len(colors) else "--"
         label = "baseline (control)" if r.variant == CONTROL else r.variant
         std = r.table.std(0, ddof=1) if len(r.table) > 1 else np.zeros(len(budgets))
         left.errorbar(x, r.table.mean(0), yerr=std, fmt="o", color=color, capsize=3, label=label)
         coef = fit_curve(x, r.table.mean(0))
         xs = np.geomspace(x.min(), x.max(), 50)
-        left.plot(xs, [curve_at(coef, v) for v in xs], color=color, lw=1, alpha=0.7)
+        left.plot(xs, [curve_at(coef, v) for v in xs], color=color, ls=style, lw=1, alpha=0.7)
         runs = [br.point.run for br in main_runs
                 if br.variant == r.variant and br.steps == budgets[-1] and br.point.run is not None]
         if runs:
             c = group_curve(runs)
-            right.plot(c.steps, c.mean_loss, color=color, label=f"{label} ({len(runs)} seeds)")
+            right.plot(c.steps, c.mean_loss, color=color, ls=style, label=f"{label} ({len(runs)} seeds)")
     if target is not None:
         left.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.4f}")
     left.set_xscale("log")
