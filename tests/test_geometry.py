@@ -8,9 +8,11 @@ the zero-initialised matrices stay off the manifold and move. The full shapes ge
 geometry alone, driven by Gaussian directions, where a step is cheap: sphere and oblique at
 1024 x 4096 (row and column norms), sl at 1024 x 1024 (it applies to square matrices only; an fp64
 slogdet and inverse), symplectic at 1024 x 1024 (square only; one Newton-Schulz call and one solve a
-step). One Newton-Schulz call at 1024 x 4096 costs about 4 s on one CPU thread and a stiefel step on the
-MLP in takes up to 20 msigns of 8 iterations each, so the msign-based variants (stiefel, l1_stiefel,
-block_stiefel) are checked at the CPU preset's shapes only.
+step), block_stiefel on the attention stack [4, 1024, 1024] (16 heads: 64 blocks of 64 x 1024), and
+stiefel on the MLP in [4096, 1024] for 2 steps of one dual-ascent iteration each (one Newton-Schulz
+call at 1024 x 4096 costs about 4 s on one CPU thread, and a default stiefel step takes up to 20
+msigns; the constraint does not depend on the iterations). l1_stiefel, stiefel plus a soft threshold
+before the same retraction, is checked at the CPU preset's shapes.
 """
 
 import dataclasses
@@ -216,6 +218,20 @@ def test_stiefel_weights_keep_equal_singular_values(scripts):
     on_stiefel(mod, [params[0].detach()[:3], params[1]])
     # o and the MLP out start at zero: off the manifold, moved by the baseline's step
     assert float(params[0].detach()[3].norm()) > 0.1 and float(params[2].detach().norm()) > 0.1
+
+
+def test_stiefel_at_the_full_shape(scripts):
+    """The MLP in of GPT-2 Medium, [4096, 1024]: 2 steps with one dual-ascent iteration each (the constraint
+    does not depend on the iterations: the last O is projected onto the tangent space whatever the gap)."""
+    mod = script(scripts, "stiefel")
+    g = torch.Generator().manual_seed(21)
+    W = mod.stiefel_project(torch.randn(4096, 1024, generator=g))
+    keys = settings(mod, "stiefel_", stiefel_dual_iters=1)
+    start = W.clone()
+    for _ in range(2):
+        mod.stiefel_step_(W, torch.randn(W.shape, generator=g), 0.05, 1.0, {}, keys)
+    assert gram_error(W, mod.stiefel_scale(4096, 1024)) < 1e-4
+    assert float((W - start).norm()) > 0.1
 
 
 def test_stiefel_build_optimizers_projects_the_model(scripts):
@@ -549,6 +565,21 @@ def test_block_stiefel_head_blocks_stay_on_the_manifold(scripts):
     # the whole matrices are not orthogonal (only their head blocks are)
     assert gram_error(params[0].detach()[0], mod.HEAD_BLOCK_SCALE) > 1e-2
     assert float(params[0].detach()[3].norm()) > 0.1 and float((params[1].detach() - fc0).norm()) > 0.1
+
+
+def test_block_stiefel_at_the_full_shape(scripts):
+    """GPT-2 Medium's attention stack [4, 1024, 1024] with 16 heads of 64: 3 steps keep every head block on
+    its manifold."""
+    mod = script(scripts, "block_stiefel")
+    g = torch.Generator().manual_seed(22)
+    W = torch.randn(4, 1024, 1024, generator=g) * 0.02
+    W[3] = 0.0  # the attention out starts at zero, off the manifold, as in the model
+    W = mod.head_block_project(W, 16)
+    for _ in range(3):
+        mod.head_block_step_(W, torch.randn(W.shape, generator=g), 0.05, 1.0, 16)
+    errors = [gram_error(block, mod.HEAD_BLOCK_SCALE) for block in mod.head_blocks(W, 16)[:3].flatten(0, 1)]
+    assert len(errors) == 48 and max(errors) < 1e-4, max(errors)
+    assert float(W[3].norm()) > 0.1  # o moved by the per-block Muon step
 
 
 def test_block_stiefel_tangent_projection(scripts):

@@ -23,7 +23,8 @@ script exists and whose table declares lr, but echo_exact (~2.7x the baseline's 
 preset: name it in --variants). Settings of a variant that do not scale down by themselves get bench values when its
 script has them (SCALE_SETTINGS; adamw's warm-up is a share of the run and needs none).
 Extra `--field=value` options go to every run. Runs are cached by a run id that hashes the command
-and the script's code: a rerun (after a kill, or with more seeds) runs only what is missing.
+and the script's code: a rerun (after a kill, or with more seeds) runs only what is missing, and
+`--report` reads only runs of the scripts as they are now (after a code change it finds none).
 Stopping: SIGINT or SIGTERM is passed on to the running trainings; no further run starts, and the
 bench exits (128 + signal) once they have; a second signal kills them. The same command resumes.
 Outputs in OUT (default bench_out/): bench.csv, bench_runs.csv, bench.png, bench.txt (the table), logs/.
