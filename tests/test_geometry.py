@@ -4,7 +4,7 @@ block_stiefel, sl, symplectic.
 Each variant's functions are loaded from its generated script. The constraint tests drive the variant's
 own Muon for 100 steps on random gradients at the CPU preset's shapes (model_dim 64: the attention
 stack [4, 64, 64] with o zero, the MLP in [256, 64], the MLP out [64, 256] zero), so they also check that
-the zero-initialised matrices stay off the manifold and move. The full shapes get 3 steps of the
+the zero-initialised matrices stay off the manifold and move. The full shapes get 100 steps of the
 geometry alone, driven by Gaussian directions, where a step is cheap: sphere and oblique at
 1024 x 4096 (row and column norms), sl at 1024 x 1024 (it applies to square matrices only; an fp64
 slogdet and inverse), symplectic at 1024 x 1024 (square only; one Newton-Schulz call and one solve a
@@ -187,7 +187,7 @@ def test_sphere_at_the_full_shape(scripts):
     W = torch.zeros(1024, 4096)
     W[:512] = torch.randn(512, 4096, generator=g) * 0.01  # half the rows start at zero
     state = {}
-    for _ in range(3):
+    for _ in range(STEPS):
         U = torch.randn(W.shape, generator=g) * 0.01
         mod.sphere_step_(W, U, 0.05, 0.99, state, "geodesic", "norm", 1, "free")
     assert float((W[:512].norm(dim=-1) / state["row_radius"][:512, 0] - 1).abs().max()) < 1e-4
@@ -380,7 +380,7 @@ def test_oblique_at_the_full_shape(scripts):
     W = torch.randn(1024, 4096, generator=g) * 0.01
     W[:, :1024] = 0.0  # a quarter of the columns start at zero
     state = {}
-    for _ in range(3):
+    for _ in range(STEPS):
         mod.oblique_step_(W, torch.randn(W.shape, generator=g) * 0.01, 0.05, 0.99, state)
     radius = state["column_radius"]
     assert float((W[:, 1024:].norm(dim=0) / radius[0, 1024:] - 1).abs().max()) < 1e-4
@@ -429,7 +429,7 @@ def test_sl_at_the_full_square_shape(scripts):
     W[1] = 0.0
     ld0 = torch.linalg.slogdet(W[0].double()).logabsdet
     state = {}
-    for _ in range(3):
+    for _ in range(STEPS):
         mod.sl_step_(W, torch.randn(W.shape, generator=g) / 32, 0.05, 0.99, state)
     ld = torch.linalg.slogdet(W[0].double()).logabsdet
     assert abs(float((ld - ld0) / ld0)) < 1e-4 and float(W[1].norm()) > 0
@@ -516,7 +516,7 @@ def test_symplectic_at_the_full_square_shape(scripts):
     W = mod.orthosymplectic_start((torch.rand(2, 1024, 1024, generator=g) * 2 - 1) * bound)
     W[1] = 0.0
     state = {}
-    for _ in range(3):
+    for _ in range(STEPS):
         mod.symplectic_step_(W, torch.randn(W.shape, generator=g) / 32, 0.05, 0.99, state)
     assert float(symplectic_defect(W[0] / mod.SYMPLECTIC_SCALE)) < 1e-4 and float(W[1].norm()) > 0
 
@@ -575,7 +575,7 @@ def test_block_stiefel_at_the_full_shape(scripts):
     W = torch.randn(4, 1024, 1024, generator=g) * 0.02
     W[3] = 0.0  # the attention out starts at zero, off the manifold, as in the model
     W = mod.head_block_project(W, 16)
-    for _ in range(3):
+    for _ in range(STEPS):
         mod.head_block_step_(W, torch.randn(W.shape, generator=g), 0.05, 1.0, 16)
     errors = [gram_error(block, mod.HEAD_BLOCK_SCALE) for block in mod.head_blocks(W, 16)[:3].flatten(0, 1)]
     assert len(errors) == 48 and max(errors) < 1e-4, max(errors)
