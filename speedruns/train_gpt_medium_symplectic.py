@@ -571,7 +571,7 @@ def symplectic_step_(W, G, lr, decay, state, polish=1):
     W3, G3 = W.view(-1, n, n), G.reshape(-1, n, n)
     if on.any():
         X = W3[on] / SYMPLECTIC_SCALE
-        S = symmetric(-j_times(X.mT @ G3[on].float()))
+        S = -j_times(hamiltonian_part(X.mT @ G3[on].float()))  # J^T H = sym(J^T X^T G), H = J sym(J^T X^T G)
         X = X @ cayley(-(lr / SYMPLECTIC_SCALE) * j_times(symmetric(orthogonalize(S).float())))
         for _ in range(polish):
             X = X + 0.5 * X @ j_times(symplectic_defect(X))

@@ -290,7 +290,7 @@ def script_settings(script: Path):
     return _SETTINGS[script]
 
 
-# Too slow for the default run's 60 minutes (echo_exact: ~3.6x the baseline's step): ask for it by name.
+# Too slow for the default run's hour (echo_exact: ~2.7x the baseline's step at the bench preset): ask by name.
 NOT_BY_DEFAULT = {"echo_exact"}
 
 
