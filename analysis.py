@@ -25,12 +25,11 @@ import torch
 import torch.distributed as dist
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
-
-from kit.cliutil import make_parser  # noqa: E402
+sys.path.insert(0, REPO_ROOT)  # core and analysis_lib, also when run from elsewhere
 
 from analysis_lib import checkpoints as ck  # noqa: E402
 from analysis_lib import outputs, plots, tree  # noqa: E402
+from core.cli import make_parser  # noqa: E402
 
 CPU_REPLICAS = 8  # per process; 8 GPUs give 64
 ECHO_NODES = {"echo", "echo_pivots"}  # the pivot estimator reads at least 3 replicas

@@ -1,9 +1,3 @@
-"""Library behind analysis.py: spectral math, the property tree, checkpoint IO, outputs, plots."""
+"""Library behind analysis.py: spectral math, the property tree, checkpoint IO, outputs, plots.
 
-import os
-import sys
-
-# The result files are written with tools/kit's atomic writer; make it importable from anywhere.
-_TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
-if _TOOLS not in sys.path:
-    sys.path.insert(0, _TOOLS)
+It uses the shared `core` package (atomic writes) and nothing from tools/; it changes no import path."""

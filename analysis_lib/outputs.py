@@ -16,13 +16,14 @@ import re
 
 import numpy as np
 import torch
-from kit.shards import atomic_output  # tools/ is put on the path by analysis_lib/__init__.py
+
+from core.files import atomic_output
 
 ID_COLUMNS = ["step", "param", "kind", "layer", "rows", "cols"]
 
 
 def atomic_write(path, write, binary=True):
-    """Call write(fileobj) on a temp file next to `path`, then rename it over `path` (kit.shards's
+    """Call write(fileobj) on a temp file next to `path`, then rename it over `path` (core.files's
     atomic_output: fsynced, removed on error). binary=False hands write a text file (newline="")."""
     with atomic_output(path) as raw:
         if binary:

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = ROOT / "speedruns" / "train_gpt_medium.py"
-sys.path.insert(0, str(ROOT / "tools"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 
 def load_script(path):
@@ -30,7 +30,7 @@ def baseline():
 @pytest.fixture(scope="session")
 def tiny_data():
     """Paths of the tiny train and val shards (built once, cached under data/tiny)."""
-    from kit.prepare_tiny_data import build
+    from kit.data.prepare_tiny_data import build
 
     train, val = build()
     return {"train_files": str(train), "val_files": str(val)}

@@ -15,11 +15,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
-from kit.shards import write_shard  # noqa: E402
-
 import analysis  # noqa: E402
 from analysis_lib import checkpoints as ck  # noqa: E402
 from analysis_lib import outputs, plots, tree  # noqa: E402
+from core.shards import write_shard  # noqa: E402
 
 SHRINK = ["--vocab_size=256", "--model_dim=32", "--num_heads=1", "--train_seq_len=64", "--val_seq_len=64",
           "--micro_batches=2", "--val_tokens=128", "--max_window=64", "--val_loss_every=0"]

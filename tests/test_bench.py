@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from kit import bench  # noqa: E402
+from kit.benchmarks import bench  # noqa: E402
 
 SEP = "=" * 100
 

@@ -4,7 +4,8 @@ import os
 
 import pytest
 from conftest import ROOT
-from kit import bench_step_cost
+
+from kit.benchmarks import bench_step_cost
 
 
 def test_times_each_variant_and_prints_ratios_to_the_first(tiny_data, capsys, monkeypatch):

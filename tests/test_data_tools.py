@@ -12,8 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from kit import fetch_fineweb, prepare_tiny_data  # noqa: E402
-from kit.shards import check_shard, read_shard, shard_header, write_shard  # noqa: E402
+from core.shards import check_shard, read_shard, shard_header, write_shard  # noqa: E402
+from kit.data import fetch_fineweb, prepare_tiny_data  # noqa: E402
 
 EOT = 50256
 CACHE = ROOT / "data" / "tiny" / "cache"  # the real sources are downloaded once and shared with tools/prepare_tiny_data
@@ -341,7 +341,7 @@ def test_real_build_is_valid_idempotent_and_deterministic(sources, tmp_path):
 
 
 def test_bigram_entropy_of_known_chains():
-    from kit import bigram_entropy
+    from kit.data import bigram_entropy
 
     rng = np.random.default_rng(0)
     iid = rng.integers(0, 4, 200_000)  # no memory: H(x_t | x_t-1) = ln 4

@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 from conftest import BASELINE, ROOT, load_script, run_training
-from kit import fit_echo_kappa
-from kit.logs import parse_log
+
+from kit.benchmarks import fit_echo_kappa
+from kit.runs.logs import parse_log
 
 ECHO = ROOT / "speedruns" / "train_gpt_medium_echo.py"
 KINDS = ("q", "k", "v", "o", "mlp_in", "mlp_out")

@@ -1,4 +1,4 @@
-"""The echo variants' diagnostic lines: parsed by tools/kit/logs.py, drawn by tools/compare."""
+"""The echo variants' diagnostic lines: parsed by tools/kit/runs/logs.py, drawn by tools/compare."""
 
 import math
 import subprocess
@@ -9,7 +9,7 @@ from conftest import ROOT, run_training
 
 sys.path.insert(0, str(ROOT / "tools"))
 
-from kit import compare, logs  # noqa: E402
+from kit.runs import compare, logs  # noqa: E402
 
 ECHO = ROOT / "speedruns" / "train_gpt_medium_echo.py"
 SEP = "=" * 100

@@ -21,8 +21,9 @@ import math
 import pytest
 import torch
 from conftest import ROOT, run_training
-from kit.logs import parse_log
 from variant_scripts import load_script
+
+from kit.runs.logs import parse_log
 
 DIM = 64  # the CPU preset's model_dim
 STEPS = 100

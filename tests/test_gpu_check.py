@@ -6,7 +6,8 @@ import sys
 
 import pytest
 import torch
-from kit import gpu_check
+
+from kit.benchmarks import gpu_check
 
 ROOT = gpu_check.ROOT
 
@@ -66,7 +67,7 @@ def test_markdown_lists_figures_and_peak_memory():
 
 
 def test_synthetic_shards_are_valid_and_learnable(tmp_path):
-    from kit.shards import read_shard
+    from core.shards import read_shard
 
     train, val = gpu_check.synthetic_shards(tmp_path, train_tokens=20_000, val_tokens=5_000)
     tokens = read_shard(tmp_path / "synthetic_train_000000.bin")

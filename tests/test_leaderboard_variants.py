@@ -11,7 +11,7 @@ import torch
 from variant_scripts import ROOT, committed_variants, load_script, script_path
 
 sys.path.insert(0, str(ROOT / "tools"))
-from kit.shards import write_shard  # noqa: E402
+from core.shards import write_shard  # noqa: E402
 
 SMALL = ["--preset=cpu", "--model_dim=32", "--num_heads=1", "--vocab_size=128", "--micro_batches=1"]
 

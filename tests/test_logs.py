@@ -1,4 +1,4 @@
-"""Log parsing (tools/kit/logs.py) on the public reference logs and hand-made ones, and tools/compare."""
+"""Log parsing (tools/kit/runs/logs.py) on the public reference logs and hand-made ones, and tools/compare."""
 
 import hashlib
 import json
@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 REFERENCE = ROOT / "tests" / "data" / "reference_logs"
 BASELINE_SCRIPT = ROOT / "speedruns" / "train_gpt_medium.py"
 
-from kit import logs  # noqa: E402
+from kit.runs import logs  # noqa: E402
 
 SEP = "=" * 100
 
@@ -173,7 +173,7 @@ def test_compare_tool_on_reference_logs(tmp_path):
 
 def test_compare_groups_runs_into_mean_and_band():
     sys.path.insert(0, str(ROOT / "tools"))
-    from kit.compare import group_curve
+    from kit.runs.compare import group_curve
 
     V = logs.Validation
     a = logs.Run(4, 4, validations=[V(0, 10.0, 0), V(2, 6.0, 1000), V(4, 4.0, 2000)])
@@ -185,7 +185,7 @@ def test_compare_groups_runs_into_mean_and_band():
 
 
 def test_compare_finds_logs_of_a_variant_and_groups_them(tmp_path):
-    from kit.compare import group_runs, resolve_inputs
+    from kit.runs.compare import group_runs, resolve_inputs
 
     repo = tmp_path / "repo"
     (repo / "speedruns").mkdir(parents=True)
@@ -276,7 +276,7 @@ def run_compare(*args):
 
 
 def test_compare_groups_by_steps_and_settings(tmp_path):
-    from kit.compare import common_step_notes, group_curve, group_runs
+    from kit.runs.compare import common_step_notes, group_curve, group_runs
 
     repo = tmp_path / "repo"
     (repo / "speedruns").mkdir(parents=True)

@@ -9,8 +9,8 @@ import pytest
 from variant_scripts import ROOT, committed_variants
 
 sys.path.insert(0, str(ROOT / "tools"))
-from kit import apply_patch as ap  # noqa: E402
-from kit.diff_variant import changed_defaults, hyperparameter_defaults  # noqa: E402
+from kit.patching import patchset as ap  # noqa: E402
+from kit.patching.diff_variant import changed_defaults, hyperparameter_defaults  # noqa: E402
 
 
 def run_tool(tool, *args, root=None):

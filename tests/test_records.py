@@ -1,4 +1,4 @@
-"""Statistics (tools/kit/stats.py), the variant manifest (variants.py) and tools/submit_record."""
+"""Statistics (tools/kit/runs/stats.py), the variant manifest (variants.py) and tools/submit_record."""
 
 import json
 import math
@@ -14,7 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from kit import logs, stats, submit_record, variants  # noqa: E402
+from kit.patching import variants  # noqa: E402
+from kit.runs import logs, stats, submit_record  # noqa: E402
 
 SEP = "=" * 100
 DATE = "2026-01-02"
@@ -356,9 +357,9 @@ def test_concurrent_submissions_all_land(tmp_path):
     ready.mkdir()
     driver = (  # import everything, say so, wait for the common start, then submit
         "import os, sys, time\n"
-        f"sys.path.insert(0, {str(ROOT / 'tools')!r})\n"
+        f"sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tools')!r}]\n"
         "import scipy.stats\n"
-        "from kit import submit_record\n"
+        "from kit.runs import submit_record\n"
         f"open(os.path.join({str(ready)!r}, sys.argv[3]), 'w').close()\n"
         f"while not os.path.exists({str(go)!r}):\n"
         "    time.sleep(0.002)\n"

@@ -1,4 +1,4 @@
-"""Shard IO of the tools (tools/kit/shards.py): round trip, and every kind of bad shard rejected."""
+"""Shard IO of the tools (core/shards.py): round trip, and every kind of bad shard rejected."""
 
 import os
 import subprocess
@@ -11,7 +11,7 @@ import pytest
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
 
-from kit.shards import (  # noqa: E402
+from core.shards import (  # noqa: E402
     HEADER_BYTES,
     MAGIC,
     ShardError,
@@ -150,8 +150,8 @@ def test_find_shards_sorted_and_no_match(tmp_path):
 
 def test_shard_error_exits_with_one_line_and_no_traceback(tmp_path):
     path = raw_shard(tmp_path / "tiny_train_000000.bin", [1, 2, 3], version=7)
-    code = (f"import sys; sys.path.insert(0, {str(TOOLS)!r}); "
-            f"from kit.shards import read_shard; read_shard({str(path)!r})")
+    code = (f"import sys; sys.path.insert(0, {str(TOOLS.parent)!r}); "
+            f"from core.shards import read_shard; read_shard({str(path)!r})")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr

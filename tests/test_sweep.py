@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from kit import logs, sweep  # noqa: E402
+from kit.runs import logs, sweep  # noqa: E402
 
 SEP = "=" * 100
 
@@ -177,7 +177,7 @@ def alive(pid):
 
 
 class RealSweep:
-    """tools/sweep (kit.sweep.main) in a subprocess, on a repository whose baseline is FAKE_TRAINER."""
+    """tools/sweep (kit.runs.sweep.main) in a subprocess, on a repository whose baseline is FAKE_TRAINER."""
 
     def __init__(self, tmp_path):
         self.repo = tmp_path / "repo"
@@ -188,7 +188,7 @@ class RealSweep:
 
     def command(self):
         argv = ["baseline", "--lr=0.02", "--num_iterations=200", f"--out={self.out}"]
-        code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); from kit import sweep; "
+        code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tools')!r}]; from kit.runs import sweep; "
                 f"from pathlib import Path; sweep.main({argv!r}, root=Path({str(self.repo)!r}))")
         return [sys.executable, "-c", code]
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 from conftest import BASELINE, load_script, run_training
-from kit.logs import parse_log
+
+from kit.runs.logs import parse_log
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 from variant_scripts import ROOT, committed_variants, load_script, script_path
 
 sys.path.insert(0, str(ROOT / "tools"))
-from kit.shards import write_shard  # noqa: E402
+from core.shards import write_shard  # noqa: E402
 
 STEPS = 6
 

@@ -9,7 +9,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from kit import variants  # noqa: E402
+from kit.patching import variants  # noqa: E402
 
 
 def script_path(variant: str) -> Path:

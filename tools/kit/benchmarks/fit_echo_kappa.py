@@ -19,7 +19,8 @@ import sys
 
 import torch
 
-from .cliutil import format_table, make_parser, write_csv
+from core.cli import format_table, make_parser
+from core.files import write_csv
 
 LOG_KAPPA_GRID = torch.linspace(math.log(1e-3), math.log(1e2), 2301, dtype=torch.float64)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from kit import apply_patch as ap
-from kit.cliutil import make_parser
+from core.cli import make_parser
+from kit.patching import patchset as ap
 
 POLAR_STEADY = (1.875, -1.25, 0.375)  # Polar Express's converged tuple, used past its five designed steps
 CLASSIC = (1.5, -0.5)

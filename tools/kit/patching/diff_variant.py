@@ -10,10 +10,10 @@ from __future__ import annotations
 import ast
 import sys
 
-from kit import apply_patch as ap
-from kit.apply_patch import strip_header
-from kit.cliutil import make_parser
-from kit.make_patch import unified_diff
+from core.cli import make_parser
+from kit.patching import patchset as ap
+from kit.patching.make_patch import unified_diff
+from kit.patching.patchset import strip_header
 
 COLORS = {"+": "\033[32m", "-": "\033[31m", "@": "\033[36m"}
 RESET, BOLD = "\033[0m", "\033[1m"

@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
-from kit.shards import ShardError, check_shard, write_shard
+from core.shards import ShardError, check_shard, write_shard
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_OUT = REPO_ROOT / "data" / "tiny"
 TRAIN_NAME = "tiny_train_000000.bin"
 VAL_NAME = "tiny_val_000000.bin"

@@ -29,19 +29,14 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-import sys
 import threading
 import time
 
 import torch
 
-from kit.cliutil import make_parser
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-
-from analysis_lib import spectral as sp  # noqa: E402
-from analysis_lib import tree  # noqa: E402
+from analysis_lib import spectral as sp
+from analysis_lib import tree
+from core.cli import make_parser
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter

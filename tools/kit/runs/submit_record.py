@@ -31,9 +31,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import stats, variants
-from .cliutil import atomic_write_text, make_parser
-from .logs import (
+from core.cli import make_parser
+from core.files import atomic_write_text
+from kit.patching import variants
+from kit.runs import stats
+from kit.runs.logs import (
     RESULT_NEUTRAL,
     LogError,
     LogFile,

@@ -17,8 +17,8 @@ import sys
 
 import numpy as np
 
-from .cliutil import make_parser
-from .shards import find_shards, read_shard
+from core.cli import make_parser
+from core.shards import find_shards, read_shard
 
 ALPHAS = (0.001, 0.01, 0.03, 0.1, 0.3, 1.0)
 

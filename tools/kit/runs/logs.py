@@ -26,13 +26,14 @@ with `ast` from its source), `format_settings`.
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import math
 import operator
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from core.files import source_sha256
 
 SEPARATOR = "=" * 100
 _STEP_RE = re.compile(r"^step:(\d+)/(\d+)(?:\s|$)")
@@ -110,12 +111,6 @@ class LogFile:
 
     def finished_runs(self) -> list[Run]:
         return [r for r in self.runs if r.finished]
-
-
-def source_sha256(text: str) -> str:
-    """sha256 hex digest of a source text with its trailing newlines stripped (UTF-8 bytes).
-    The same definition is used for a log's embedded source and for a script file's text."""
-    return hashlib.sha256(text.rstrip("\n").encode("utf-8")).hexdigest()
 
 
 def _time_ms(token: str, key: str, where: str) -> float:

@@ -21,9 +21,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from kit.shards import HEADER_BYTES, TOKEN_BYTES, ShardError, atomic_output, check_shard
+from core.files import atomic_output
+from core.shards import HEADER_BYTES, TOKEN_BYTES, ShardError, check_shard
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_OUT = REPO_ROOT / "data" / "fineweb10B"
 DATASET = "kjj0/fineweb10B-gpt2"
 DEFAULT_ENDPOINT = "https://huggingface.co"  # HF_ENDPOINT overrides it, as for huggingface_hub

@@ -46,9 +46,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import variants
-from .cliutil import atomic_savefig, format_table, write_csv
-from .logs import LogError, Run, parse_log, source_sha256
+from core.cli import format_table
+from core.files import atomic_savefig, source_sha256, write_csv
+from kit.patching import variants
+from kit.runs.logs import LogError, Run, parse_log
 
 ALIASES = {"lr": "muon_lr"}
 OWN_OPTIONS = {"parallel", "nproc", "out", "dry-run", "help"}

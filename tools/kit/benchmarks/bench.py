@@ -48,10 +48,21 @@ from pathlib import Path
 
 import numpy as np
 
-from . import stats, variants
-from .cliutil import atomic_savefig, atomic_write_text, format_table, make_parser, write_csv
-from .compare import group_curve
-from .sweep import CHILDREN, Interrupted, Point, finished_run, forwarding_signals, launch_prefix, run_id_for, script_sha
+from core.cli import format_table, make_parser
+from core.files import atomic_savefig, atomic_write_text, write_csv
+from kit.patching import variants
+from kit.runs import stats
+from kit.runs.compare import group_curve
+from kit.runs.sweep import (
+    CHILDREN,
+    Interrupted,
+    Point,
+    finished_run,
+    forwarding_signals,
+    launch_prefix,
+    run_id_for,
+    script_sha,
+)
 
 PRESET = "bench"
 DEFAULT_VARIANTS = ["baseline", "adamw", "polar_normuon_cwd"]

@@ -18,9 +18,9 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from .logs import source_sha256
+from core.files import source_sha256
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 BASELINE = "baseline"
 SCRIPT_STEM = "train_gpt_medium"
 
@@ -78,7 +78,7 @@ def variant_shas(root: str | Path | None = None) -> dict[str, str]:
 
 
 def variant_for_sha(sha: str | None, root: str | Path | None = None) -> str | None:
-    """The variant whose script hashes to `sha` (logs.source_sha256), or None."""
+    """The variant whose script hashes to `sha` (core.files.source_sha256), or None."""
     if sha is None:
         return None
     return variant_shas(root).get(sha)

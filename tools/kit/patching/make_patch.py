@@ -29,9 +29,9 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-from kit import apply_patch as ap
-from kit.apply_patch import Builder, PatchError, add_header, run_git, strip_header, write_variant
-from kit.cliutil import make_parser
+from core.cli import make_parser
+from kit.patching import patchset as ap
+from kit.patching.patchset import Builder, PatchError, add_header, run_git, strip_header, write_variant
 
 CONTEXTS = (3, 2, 1)
 HEADER_TEMPLATE = (

@@ -27,9 +27,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import stats, variants
-from .cliutil import atomic_savefig, format_table, make_parser
-from .logs import LogError, Run, comparable_settings, echo_diagnostics, expand_log_paths, parse_log
+from core.cli import format_table, make_parser
+from core.files import atomic_savefig
+from kit.patching import variants
+from kit.runs import stats
+from kit.runs.logs import LogError, Run, comparable_settings, echo_diagnostics, expand_log_paths, parse_log
 
 
 @dataclass

@@ -11,10 +11,10 @@ with that line and exit status 1, no traceback; a test catches it with `pytest.r
 
 import glob
 import os
-import tempfile
-from contextlib import contextmanager
 
 import numpy as np
+
+from core.files import atomic_output
 
 MAGIC = 20240520
 VERSION = 1
@@ -98,37 +98,6 @@ def find_shards(pattern):
     if not paths:
         raise ShardError(f"no shard files match {pattern}; {make_data_hint(pattern)}")
     return paths
-
-
-@contextmanager
-def atomic_output(path):
-    """Open a temporary file next to `path` for binary writing; on success it replaces `path`.
-
-    If the block raises, the temporary file is removed and `path` is left as it was. The
-    temporary file's path is `f.name`, so the block can validate what it wrote before the rename.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.close(fd)
-        with open(tmp, "wb") as f:  # opened by name, so that f.name is the temporary path
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def shard_header(count):

@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from kit import apply_patch as ap
-from kit import variants
-from kit.cliutil import make_parser
+from core.cli import make_parser
+from kit.patching import patchset as ap
+from kit.patching import variants
 
 
 def parse_args(argv):

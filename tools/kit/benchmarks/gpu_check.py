@@ -29,10 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .cliutil import atomic_write_text, make_parser
-from .shards import write_shard
+from core.cli import make_parser
+from core.files import atomic_write_text
+from core.shards import write_shard
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PARTS = "abcdef"
 RECORD8_MS = 246.0  # record #8: 1468.9 s of training time over 5960 steps on 8xH100
 PEAK_LINE = "gpu_check peak memory allocated:"
@@ -185,7 +186,7 @@ def part_a(ctx):
             "--val_seq_len=262144", f"--checkpoint_every={steps}", f"--run_id={run_id}",
             f"--log_dir={work / 'logs'}", f"--checkpoint_dir={work / 'ckpt'}"]
     output, peak = run_python(str(ROOT / "speedruns" / "train_gpt_medium.py"), argv, ctx["args"].timeout)
-    from .logs import parse_log
+    from kit.runs.logs import parse_log
 
     run = parse_log(work / "logs" / f"{run_id}.txt").runs[-1]
     vals = run.validations
