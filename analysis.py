@@ -9,7 +9,7 @@ estimator), its tau^2 fit and kappa, power-law alpha, orthogonalization errors, 
 Results go to OUT/<run_id>/step_NNNNNN.{csv,npz,json} and plots to OUT/<run_id>/plots/.
 Under `torchrun --nproc_per_node=N analysis.py ...` the matrices are split over the processes.
 An interrupted run resumes where it stopped, and a rerun skips what is done unless a setting that
-changes results (replicas, tokens, validation files, the checkpoint) differs; --render redraws the
+changes results (replicas, tokens, validation files, the checkpoint's content) differs; --render redraws the
 plots from the saved results, and --compare RUN RUN ... draws several runs into the same figures
 (one line style per run, colour by depth), e.g. python analysis.py --compare runA runB --properties
 spectral_norm_w,effective_rank_w.
@@ -231,12 +231,14 @@ def replica_gradients(ckpt, refs, owner, replicas, ctx, opts):
 
 
 def result_settings(ckpt, path, replicas, needs_replicas, opts):
-    """Everything but the property names that decides a checkpoint's results: the checkpoint itself
+    """Everything but the property names that decides a checkpoint's results: the checkpoint itself (by
+    content: the sha256 of its file, so a run retrained under the same id and path is analysed again)
     and, when replicas are read, their count, tokens and validation files. (Nothing is random: replica
     r is the r-th slice of the validation stream, so there is no seed.) -> dict, JSON-able."""
     hp = ckpt.get("hyperparameters") or {}
     settings = {"checkpoint": {"run_id": hp.get("run_id"), "step": int(ckpt["step"]),
-                               "source_sha256": ckpt.get("source_sha256"), "bytes": os.path.getsize(path)}}
+                               "source_sha256": ckpt.get("source_sha256"), "bytes": os.path.getsize(path),
+                               "sha256": outputs.file_sha256(path)}}
     if needs_replicas:
         _, _, tokens, _, paths = replica_source(ckpt, opts)
         settings.update(replicas=replicas, tokens=tokens,

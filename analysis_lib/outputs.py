@@ -8,6 +8,7 @@ Per checkpoint, in OUT/<run_id>/:
 """
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -33,6 +34,12 @@ def atomic_write(path, write, binary=True):
         write(text)
         text.flush()
         text.detach()  # leave the binary file to atomic_output, which closes it
+
+
+def file_sha256(path):
+    """sha256 hex digest of a file's bytes (read in blocks; a few seconds for a GPT-2 Medium checkpoint)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def stem(step):

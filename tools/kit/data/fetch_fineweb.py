@@ -4,7 +4,10 @@ The files come from the Hugging Face dataset kjj0/fineweb10B-gpt2: fineweb_val_0
 fineweb_train_000001.bin ... fineweb_train_000103.bin, 100M tokens each (about 200 MB). Each file
 is streamed to a temporary file next to its destination, its header and length are checked, and
 only then is it renamed into place: an interrupted download leaves nothing behind, and files
-already present and valid are skipped, so re-running the tool resumes where it stopped.
+already present and valid are skipped, so re-running the tool resumes where it stopped. Where
+`huggingface_hub` is installed (optional; not a requirement) its hf_hub_download fetches each shard
+into the same place instead (resumed downloads, checksums, HF_ENDPOINT mirrors, HF_TOKEN), and the
+shard is checked the same way; otherwise a plain HTTPS download (urllib) does it.
 
 Default: 32 train shards. The record trains 5960 steps of 8 x 65536 = 524,288 tokens, that is
 3,124,756,480 tokens; its loader takes whole batches from one shard at a time, so a 100M-token
@@ -108,14 +111,48 @@ def fetch_one(name, dest, download, log):
     log(f"  {name}: {info:,} tokens in {time.perf_counter() - start:.0f} s")
 
 
-def fetch(out_dir=DEFAULT_OUT, num_train=DEFAULT_TRAIN_SHARDS, download=urllib_download, log=print):
+def hub_downloader():
+    """huggingface_hub's hf_hub_download when the package is installed, else None."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        return None
+    return hf_hub_download
+
+
+def hub_fetch_one(hf_hub_download, name, dest, log):
+    """Download one shard with huggingface_hub straight into dest's folder, then check it (an invalid
+    file is removed)."""
+    start = time.perf_counter()
+    dest.unlink(missing_ok=True)  # present but invalid (fetch said so): never mistaken for a finished download
+    try:
+        hf_hub_download(repo_id=DATASET, filename=name, repo_type="dataset", local_dir=str(dest.parent))
+    except Exception as err:  # huggingface_hub raises its own HTTP, network and OS errors
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FetchError(f"could not download {name} from {DATASET} with huggingface_hub: {reason}; check the "
+                         "connection (or HF_ENDPOINT, HF_TOKEN) and re-run tools/fetch_fineweb "
+                         "(finished shards are kept)") from None
+    ok, info = present(dest)
+    if not ok:
+        dest.unlink(missing_ok=True)
+        raise FetchError(f"huggingface_hub's {name} is not a valid shard ({info}); nothing was kept, "
+                         "re-run tools/fetch_fineweb")
+    log(f"  {name}: {info:,} tokens in {time.perf_counter() - start:.0f} s (huggingface_hub)")
+
+
+def fetch(out_dir=DEFAULT_OUT, num_train=DEFAULT_TRAIN_SHARDS, download=None, log=print):
     """Fetch the val shard and num_train train shards into out_dir, skipping valid ones -> list of paths.
 
-    download(url, binary file, progress) writes the file's bytes; a present but invalid file is
+    download(url, binary file, progress) writes the file's bytes; by default huggingface_hub's
+    hf_hub_download does it where installed, else urllib_download. A present but invalid file is
     downloaded again; an error stops at the failing file, keeping the finished ones.
     """
     out_dir = Path(out_dir)
     names = shard_names(num_train)
+    hub = None
+    if download is None:
+        hub, download = hub_downloader(), urllib_download
+        log("downloads by huggingface_hub" if hub else "huggingface_hub is not installed: plain HTTPS downloads")
     paths = []
     for i, name in enumerate(names, 1):
         dest = out_dir / name
@@ -128,7 +165,10 @@ def fetch(out_dir=DEFAULT_OUT, num_train=DEFAULT_TRAIN_SHARDS, download=urllib_d
             log(f"[{i}/{len(names)}] {name}: present but invalid ({info}), downloading it again")
         else:
             log(f"[{i}/{len(names)}] {name}: downloading")
-        fetch_one(name, dest, download, log)
+        if hub is not None:
+            hub_fetch_one(hub, name, dest, log)
+        else:
+            fetch_one(name, dest, download, log)
     return paths
 
 

@@ -76,7 +76,7 @@ def read_bytes(path: Path, hint: str) -> bytes:
 
 
 def read_manifest(root: Path) -> dict[str, list[str]]:
-    """patches/variants.toml -> {variant: [patch, ...]} in file order, names checked."""
+    """patches/variants.toml -> {variant: [patch, ...]} in file order, names checked, no patch twice in a stack."""
     try:
         manifest = variants.load_manifest(root)
     except variants.VariantError as e:
@@ -87,6 +87,10 @@ def read_manifest(root: Path) -> dict[str, list[str]]:
             raise SystemExit(f'error: {MANIFEST}: [{variant}] needs patches = ["name", ...]; add its patch names')
         for p in patches:
             check_name(p, f"patch name in {MANIFEST} [{variant}]")
+        twice = next((p for i, p in enumerate(patches) if p in patches[:i]), None)
+        if twice is not None:
+            raise SystemExit(f"error: {MANIFEST}: [{variant}] lists patch {twice!r} twice ({' + '.join(patches)}); "
+                             "a patch applies once: remove the repeat")
     return manifest
 
 

@@ -10,7 +10,8 @@ checkpoint_dir, checkpoint_every, val_loss_every and seed may differ within a gr
 sets it apart from the other groups of its variant, e.g. `baseline [muon_lr=0.011]`. Each group
 is drawn as the mean curve over its runs with a min-max band, at the validation steps all its runs
 share; times are train_time (validation excluded). The table gives each group's final figures
-over its finished runs. --out may be a PNG path or a folder (then FOLDER/compare.png).
+over its finished runs. --out may be a PNG path or a folder (then FOLDER/compare.png): an existing
+folder, or a path ending in '/' (created).
 
 When logs hold the echo variants' diagnostics (`echo step:N kind:K zeta:Z tau2/smax2:T` lines, written
 at each validation by echo and echo_exact), two more figures go next to the plot, OUT_echo_zeta.png and
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = make_parser("tools/compare", __doc__)
     parser.add_argument("inputs", nargs="+", help="log files, folders of logs, or variant names")
     parser.add_argument("--log-dir", type=Path, default=variants.REPO_ROOT / "logs", help="where variant logs are")
-    parser.add_argument("--out", type=Path, default=variants.REPO_ROOT / "analysis_out" / "compare.png", help="PNG")
+    parser.add_argument("--out", default=str(variants.REPO_ROOT / "analysis_out" / "compare.png"),
+                        help="PNG path, or a folder (existing, or ending in '/') for FOLDER/compare.png")
     parser.add_argument("--by-file", action="store_true", help="one group per log file instead of per variant")
     parser.add_argument("--echo", action="store_true",
                         help="require the echo diagnostics figures (drawn anyway when a log holds echo lines)")
@@ -312,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
         paths = resolve_inputs(args.inputs, args.log_dir)
     except LogError as err:
         raise SystemExit(f"tools/compare: {err}") from None
-    out = args.out / "compare.png" if args.out.is_dir() else args.out
+    folder = args.out.endswith(("/", os.sep)) or Path(args.out).is_dir()
+    out = Path(args.out) / "compare.png" if folder else Path(args.out)
     groups = group_runs(paths, args.by_file)
     series = echo_series(paths, required=args.echo)
     rows = summary_rows(groups)

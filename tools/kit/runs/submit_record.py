@@ -5,8 +5,11 @@ Example: tools/submit_record logs/run_a.txt logs/run_b.txt logs/run_c.txt --name
 Every run in every log is parsed; all must come from one committed variant (the source embedded
 in each log is hashed and matched against speedruns/train_gpt_medium*.py), have the same step
 count and the same settings (the `hyperparameters:` line of each log; only run_id, log_dir,
-checkpoint_dir, checkpoint_every, val_loss_every and seed may differ), a finite final validation loss, and a run
-id that is neither given twice nor already archived under records/. The final validation losses
+checkpoint_dir, checkpoint_every, val_loss_every and seed may differ; its num_iterations must be the T of
+the step lines), a finite final validation loss, and a run id that is neither given twice nor already
+archived under records/; a run whose step lines repeat another's (a log concatenated with itself or with
+another log) is refused, so each run counts once. Settings the script has but no log records are named
+as absent in the row, not passed off as defaults. The final validation losses
 give mean, std and n, the public significance rule (decided exactly on the logged digits) and a
 comparison with the current baseline record: the baseline's runs archived in records/ (the latest
 baseline row with the same steps and settings), else the public record #8 reference figures.
@@ -37,8 +40,11 @@ from kit.patching import variants
 from kit.runs import stats
 from kit.runs.logs import (
     RESULT_NEUTRAL,
+    SEPARATOR,
     LogError,
     LogFile,
+    Run,
+    comparable_settings,
     expand_log_paths,
     format_settings,
     parse_log,
@@ -161,8 +167,23 @@ def _fail(message: str) -> None:
     raise SystemExit(message)
 
 
+def _is_date(text: str) -> bool:
+    """Whether text is YYYY-MM-DD and a real day (2026-02-30 is not)."""
+    try:
+        return bool(re.fullmatch(r"\d{4}-\d{2}-\d{2}", text)) and bool(_dt.date.fromisoformat(text))
+    except ValueError:
+        return False
+
+
 def _value(settings: dict, key: str) -> str:
     return repr(settings[key]) if key in settings else "(absent)"
+
+
+def _run_key(run: Run) -> tuple:
+    """What a run's step lines say: two runs with equal keys are one run logged twice (train times in ms
+    make independent runs differ)."""
+    curve = tuple((v.step, v.val_loss, v.train_time_ms) for v in run.validations)
+    return run.num_iterations, run.last_step, run.train_time_ms, curve
 
 
 def collect(paths: list[Path], repo: Path) -> Submission:
@@ -172,10 +193,15 @@ def collect(paths: list[Path], repo: Path) -> Submission:
     seen: dict[str, Path] = {}
     run_ids: dict[str, Path] = {}
     for path in paths:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
         if digest in seen:
             _fail(f"refused: {path}: same content as {seen[digest]}; give each log once")
         seen[digest] = path
+        headers = re.findall(rb"^hyperparameters:", data.split(SEPARATOR.encode(), 1)[-1], flags=re.M)
+        if len(headers) > 1:
+            _fail(f"refused: {path}: holds {len(headers)} 'hyperparameters:' lines, so logs were concatenated into "
+                  "one and its runs would count under one run id; give each run's own log")
         try:
             log = parse_log(path)
         except LogError as err:
@@ -201,6 +227,12 @@ def collect(paths: list[Path], repo: Path) -> Submission:
             if not math.isfinite(run.final_val_loss):
                 line = run.validations[-1].line
                 _fail(f"refused: {path}:{line}: final val_loss is {run.final_val_loss}; a diverged run cannot count")
+        logged_steps = log.hyperparameters.get("num_iterations")
+        for run in log.finished_runs():
+            if logged_steps is not None and logged_steps != run.num_iterations:
+                line = run.validations[-1].line
+                _fail(f"refused: {path}:{line}: the step lines count to {run.num_iterations} steps but the "
+                      f"hyperparameters line says num_iterations={logged_steps}; the log was edited or mixes runs")
         unfinished = len(log.runs) - len(log.finished_runs())
         if unfinished:
             print(f"note: {path}: {unfinished} unfinished run(s) left out", flush=True)
@@ -229,9 +261,21 @@ def collect(paths: list[Path], repo: Path) -> Submission:
         if seed in seeds:
             print(f"note: {path} and {seeds[seed]} both ran with seed {seed}", flush=True)
         seeds.setdefault(seed, path)
+    runs_seen: dict[tuple, str] = {}  # a finished run's step lines -> where they were first seen
+    for path, log, _ in parsed:  # last: a copy that differs in settings or variant is refused as such above
+        for run in log.finished_runs():
+            here = f"{path}:{run.validations[0].line}"
+            earlier = runs_seen.setdefault(_run_key(run), here)
+            if earlier != here:
+                _fail(f"refused: {here}: this run repeats the run at {earlier} step line for step line "
+                      "(a log concatenated with itself or with another?); each run counts once: remove the copy")
     hyperparameters = first_log.hyperparameters
     defaults = script_defaults(first_log.source, str(hyperparameters.get("preset", "")))
     settings = format_settings(hyperparameters, defaults, leave_out=("num_iterations",))
+    absent = [k for k in comparable_settings(defaults or {}) if k not in hyperparameters
+              and k not in ("preset", "num_iterations")]
+    if absent:
+        settings += f"; absent from the logs (values unknown): {', '.join(absent)}"
     return Submission(first_variant, steps, losses, times, list(paths), list(run_ids), hyperparameters, settings)
 
 
@@ -413,8 +457,8 @@ def main(argv: list[str] | None = None) -> None:
     if not math.isfinite(args.target):
         _fail(f"refused: --target {args.target}: give a finite loss, e.g. --target 2.92")
     date = args.date or _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d")
-    if not re.match(r"^\d{4}-\d{2}-\d{2}$", date):
-        _fail(f"refused: --date {date!r}: expected YYYY-MM-DD")
+    if not _is_date(date):
+        _fail(f"refused: --date {date!r}: not a calendar date in the form YYYY-MM-DD; e.g. --date 2026-01-31")
     try:
         paths = expand_log_paths(args.logs)
     except LogError as err:
