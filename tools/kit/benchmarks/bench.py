@@ -27,31 +27,35 @@ and the script's code: a rerun (after a kill, or with more seeds) runs only what
 `--report` reads only runs of the scripts as they are now (after a code change it finds none).
 Stopping: SIGINT or SIGTERM is passed on to the running trainings; no further run starts, and the
 bench exits (128 + signal) once they have; a second signal kills them. The same command resumes.
+Locks: the bench holds OUT/.bench.lock (with its pid) while it runs, so a second bench on OUT refuses;
+each training holds OUT/logs/ID.lock while it lives (tools/sweep's), so a bench refuses to start while a
+run of a killed bench is still alive. Runs get --overwrite=1 where the script has it (not in the run id).
 Outputs in OUT (default bench_out/): bench.csv, bench_runs.csv, bench.png, bench.txt (the table), logs/.
 `--quick`: no LR grid (the declared rates), budgets 0.6 and 1.0, 2 seeds, no control verdicts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
-import subprocess
 import sys
 import threading
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
 from core.cli import format_table, make_parser
 from core.files import atomic_savefig, atomic_write_text, write_csv
 from kit.patching import variants
-from kit.runs import stats
+from kit.runs import stats, sweep
 from kit.runs.compare import group_curve
 from kit.runs.sweep import (
     CHILDREN,
@@ -79,22 +83,21 @@ VALIDATIONS = 4  # validations per run besides step 0, for the curves
 BOOTSTRAP_REPS = 2000
 # Settings sized for the full run that no preset can reach (the baseline script lacks the field).
 SCALE_SETTINGS: dict[str, str] = {}  # none today: adamw's warm-up is a share of the run
+BENCH_SETS = ("preset", "num_iterations", "val_loss_every", "seed", "run_id", "log_dir", "overwrite")  # per run
+LOCK = ".bench.lock"  # in OUT, held (with the bench's pid) while a bench runs there
 
-Runner = Callable[[list[str], Path, Path], int]
+Runner = Callable[[list[str], Path, Path], int]  # (cmd, cwd, stdout_path) -> exit status
 
 
-def subprocess_runner(cmd: list[str], cwd: Path, stdout_path: Path) -> int:
-    """Run cmd in cwd at one OpenMP thread (unless OMP_NUM_THREADS is set), output to stdout_path, in a
-    session of its own that a SIGINT or SIGTERM to the bench is passed on to (tools/sweep's CHILDREN)."""
-    stdout_path.parent.mkdir(parents=True, exist_ok=True)
+def _refuse(message: str) -> NoReturn:
+    raise SystemExit(f"tools/bench: {message}")
+
+
+def subprocess_runner(cmd: list[str], cwd: Path, stdout_path: Path, lock_fd: int | None = None) -> int:
+    """tools/sweep's runner (own session, signals passed on, lock_fd inherited by the training) at one
+    OpenMP thread unless OMP_NUM_THREADS is set."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    with open(stdout_path, "w", encoding="utf-8") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    CHILDREN.add(proc)
-    try:
-        return proc.wait()
-    finally:
-        CHILDREN.discard(proc)
+    return sweep.subprocess_runner(cmd, cwd, stdout_path, lock_fd, env)
 
 
 # ----------------------------------------------------------------------------- math (pure)
@@ -282,12 +285,13 @@ def declared_lrs(root: Path) -> dict[str, str]:
     return out
 
 
-_SETTINGS: dict[Path, object] = {}
+_MODULES: dict[Path, object] = {}
 
 
-def script_settings(script: Path):
-    """The script's Hyperparameters with the bench preset applied (importing a script runs nothing)."""
-    if script not in _SETTINGS:
+def script_settings(script: Path, extra: Sequence[str] = ()):
+    """The script's Hyperparameters with the bench preset and `extra` applied (importing a script runs
+    nothing); settings the script refuses (its parse_args) are a one-line SystemExit."""
+    if script not in _MODULES:
         try:
             spec = importlib.util.spec_from_file_location(f"_bench_{script.stem}", script)
             module = importlib.util.module_from_spec(spec)
@@ -297,8 +301,12 @@ def script_settings(script: Path):
         if PRESET not in getattr(module, "PRESETS", {}):
             raise SystemExit(f"tools/bench: {script.name} has no --preset={PRESET}; regenerate the variants "
                              "with tools/apply_patch --all")
-        _SETTINGS[script] = module.parse_args([f"--preset={PRESET}"])
-    return _SETTINGS[script]
+        _MODULES[script] = module
+    try:
+        return _MODULES[script].parse_args([f"--preset={PRESET}", *extra])
+    except SystemExit as err:
+        raise SystemExit(f"tools/bench: {script.name} refuses --preset={PRESET} {' '.join(extra)}".rstrip()
+                         + f": {str(err.code).removeprefix('error: ')}") from None
 
 
 # Too slow for the default run's hour (echo_exact: ~2.7x the baseline's step at the bench preset): ask by name.
@@ -314,14 +322,19 @@ def default_variants(root: Path) -> list[str]:
     return DEFAULT_VARIANTS + echo
 
 
-def make_variant(name: str, root: Path, seeds: list[int]) -> Variant:
+def make_variant(name: str, root: Path, seeds: list[int], extra: Sequence[str] = ()) -> Variant:
+    """The variant (checked: its script exists, has its lr setting and accepts the extra settings)."""
     base_name = "baseline" if name == CONTROL else name
     script = variants.script_path(base_name, root)
     if not script.exists():
         raise SystemExit(f"tools/bench: no script for variant {name!r} ({script.relative_to(root)}); "
                          f"make it with tools/apply_patch --all")
     lr_field = declared_lrs(root).get(base_name, DEFAULT_LR_FIELD)
-    settings = script_settings(script)
+    own = [a.partition("=")[0] for a in extra if a[2:].partition("=")[0] in (*BENCH_SETS, lr_field)]
+    if own:
+        raise SystemExit(f"tools/bench: {own[0]} is set by the bench for every run of {name} (budgets: --steps, "
+                         "--budgets; seeds: --seeds; the learning rate is tuned); leave it out")
+    settings = script_settings(script, extra)
     if not hasattr(settings, lr_field):
         raise SystemExit(f"tools/bench: {script.name} has no setting {lr_field!r} (the lr declared for "
                          f"[{base_name}] in patches/variants.toml)")
@@ -340,7 +353,8 @@ def make_run(role: str, v: Variant, seed: int, steps: int, lr: float, base_args:
     args = [*base_args, *v.extra, f"--num_iterations={steps}", f"--val_loss_every={every}"]
     values = {"seed": str(seed), "steps": str(steps), v.lr_field: fmt_lr(lr)}
     run_id = run_id_for(f"bench-{role}", v.name, values, args, script_sha(v.script))
-    cmd = [*launch_prefix(v.script, 1), f"--run_id={run_id}", f"--log_dir={out / 'logs'}", *args,
+    cmd = [*launch_prefix(v.script, 1), f"--run_id={run_id}", f"--log_dir={out / 'logs'}",
+           *sweep.overwrite_arg(v.script), *args,  # --overwrite=1: not in the run id, which stays as it was
            *(f"--{k}={val}" for k, val in values.items() if k != "steps")]
     point = Point(run_id, cmd, out / "logs" / f"{run_id}.txt", out / "stdout" / f"{run_id}.txt", values)
     return BenchRun(role, v.name, seed, steps, lr, point)
@@ -399,14 +413,20 @@ def execute(runs: list[BenchRun], root: Path, parallel: int, runner: Runner, pro
         print(f"{cached} run(s) already finished in {root if not runs else runs[0].point.log_path.parent}: reused",
               flush=True)
     progress.add(todo)
+    # the real runner gets the run's lock fd (the training inherits it); a test's fake runner takes none
+    launch = runner if runner is subprocess_runner else lambda cmd, cwd, out, fd: runner(cmd, cwd, out)
 
     def work(r: BenchRun) -> None:
         if CHILDREN.signum is not None:  # stopping: start nothing more
             return
-        if r.point.log_path.exists():  # an interrupted run: keep its partial log aside, rerun it
-            os.replace(r.point.log_path, r.point.log_path.with_name(r.point.log_path.name + ".partial"))
-        started = time.monotonic()
-        rc = runner(r.point.cmd, root, r.point.stdout_path)
+        with sweep.point_lock(r.point) as fd:  # an interrupted run's partial log is moved aside: it is rerun
+            if fd is None:
+                r.point.status = "not run"
+                print(f"tools/bench: {r.point.run_id} not run: another process holds {sweep.lock_path(r.point)}",
+                      flush=True)
+                return
+            started = time.monotonic()
+            rc = launch(r.point.cmd, root, r.point.stdout_path, fd)
         r.point.run = finished_run(r.point.log_path)
         r.point.status = "done" if r.point.run is not None else f"FAILED (exit {rc}; see {r.point.stdout_path})"
         progress.finish(r, time.monotonic() - started)
@@ -611,19 +631,22 @@ def plot(path: Path, results: list[Result], main_runs: list[BenchRun], budgets: 
 # ----------------------------------------------------------------------------- main
 
 
-def run_bench(names: list[str], out: Path, budget_n: int, budget_fracs: tuple[float, ...], seeds: int,
+def budget_steps(budget_n: int, budget_fracs: Sequence[float]) -> list[int]:
+    """The step budgets: each fraction of N rounded (at least 1), sorted, distinct."""
+    return sorted({max(1, round(f * budget_n)) for f in budget_fracs})
+
+
+def run_bench(vs: list[Variant], out: Path, budget_n: int, budget_fracs: tuple[float, ...], seeds: int,
               lr_points: int, lr_seeds: int, parallel: int, extra: list[str], quick: bool,
               root: Path | None = None, runner: Runner = subprocess_runner, reps: int = BOOTSTRAP_REPS,
               make_plot: bool = True, report_only: bool = False) -> tuple[list[Result], list[str]]:
-    """Plan, run (resumably) and analyse the benchmark. -> (results, failed-control messages).
-    report_only: start no run, analyse the finished ones (controls are judged only when complete)."""
+    """Run (resumably) and analyse the benchmark of the variants vs (make_variant's, with `seeds` seeds each).
+    -> (results, failed-control messages). report_only: start no run, analyse the finished ones (controls are
+    judged only when complete); nothing finished is a SystemExit, and nothing is written."""
     root = variants.REPO_ROOT if root is None else root
     out = out.resolve()
     base_args = [f"--preset={PRESET}", "--checkpoint_every=", *extra]
-    budgets = sorted({max(1, round(f * budget_n)) for f in budget_fracs})
-    main_seeds = list(range(seeds))
-    vs = [make_variant(n, root, [CONTROL_SEED_OFFSET + s for s in main_seeds] if n == CONTROL else main_seeds)
-          for n in names]
+    budgets = budget_steps(budget_n, budget_fracs)
     progress = Progress(parallel)
     all_runs: list[BenchRun] = []
     grid_seeds = [GRID_SEED_OFFSET + i for i in range(lr_seeds)]
@@ -673,6 +696,9 @@ def run_bench(names: list[str], out: Path, budget_n: int, budget_fracs: tuple[fl
     print(f"main: {len(main_runs)} run(s): {len(vs)} variant(s) x budgets {budgets} x {seeds} seeds", flush=True)
     execute(main_runs, root, parallel, runner, progress, report_only)
     all_runs += main_runs
+    if report_only and all(r.point.run is None for r in all_runs):
+        raise SystemExit(f"tools/bench: nothing to report: no finished run of these variants and settings in "
+                         f"{out / 'logs'} (under the scripts as they are now); run the bench without --report first")
 
     # 3. analysis
     results = []
@@ -709,20 +735,34 @@ def run_bench(names: list[str], out: Path, budget_n: int, budget_fracs: tuple[fl
     atomic_write_text(out / "bench.txt", "\n".join(text) + "\n")
     write_csv(out / "bench.csv", csv_rows(results, budget_n))
     write_csv(out / "bench_runs.csv", run_rows(all_runs, {v.name: v.lr_field for v in vs}))
-    if make_plot and any(r.table is not None for r in results):
+    plotted = make_plot and any(r.table is not None for r in results)
+    if plotted:
         plot(out / "bench.png", results, main_runs, budgets)
     print(f"wrote {out / 'bench.csv'}, {out / 'bench_runs.csv'}, {out / 'bench.txt'}"
-          + (f", {out / 'bench.png'}" if make_plot else ""), flush=True)
+          + (f", {out / 'bench.png'}" if plotted else ""), flush=True)
     return results, failed
+
+
+def parse_budgets(text: str) -> tuple[float, ...]:
+    """--budgets: distinct fractions of N in (0, 1], or a one-line SystemExit."""
+    try:
+        fracs = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        fracs = ()
+    if not fracs or not all(0 < f <= 1 for f in fracs) or len(set(fracs)) < len(fracs):
+        _refuse(f"--budgets={text}: give distinct fractions of N in (0, 1], e.g. 0.6,0.8,1.0")
+    return fracs
 
 
 def main(argv: list[str] | None = None, runner: Runner = subprocess_runner, root: Path | None = None) -> None:
     parser = make_parser("tools/bench", __doc__)
+    parser.error = lambda message: _refuse(f"{message}; see tools/bench --help")  # one line, not usage + error
     parser.add_argument("--variants", default=None,
                         help="comma-separated variants (default: see above); add 'control' for the negative control")
     parser.add_argument("--steps", type=int, default=None, help="budget N in steps (default: the bench preset's)")
     parser.add_argument("--budgets", default=None, help="budget fractions of N (default 0.6,0.8,1.0)")
-    parser.add_argument("--seeds", type=int, default=None, help=f"seeds per variant and budget (default {SEEDS})")
+    parser.add_argument("--seeds", type=int, default=None, help=f"seeds per variant and budget, 2 or more "
+                        f"(default {SEEDS})")
     parser.add_argument("--lr-points", type=int, default=LR_POINTS, help=f"LR grid points (default {LR_POINTS})")
     parser.add_argument("--lr-seeds", type=int, default=LR_SEEDS, help=f"seeds per LR grid point (default {LR_SEEDS})")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time, one thread each (default 1)")
@@ -733,28 +773,47 @@ def main(argv: list[str] | None = None, runner: Runner = subprocess_runner, root
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     bad = [a for a in extra if not (a.startswith("--") and "=" in a)]
     if bad:
-        raise SystemExit(f"tools/bench: unexpected {bad[0]!r}; extra training settings go as --field=value")
+        _refuse(f"unexpected {bad[0]!r}; extra training settings go as --field=value")
+    for option, value, low in (("--steps", args.steps, 1), ("--seeds", args.seeds, 2),
+                               ("--lr-points", args.lr_points, 1), ("--lr-seeds", args.lr_seeds, 1),
+                               ("--parallel", args.parallel, 1)):
+        if value is not None and value < low:
+            _refuse(f"{option}={value}: " + (f"a CI needs at least 2 seeds; leave --seeds out for the default {SEEDS}"
+                                              if option == "--seeds" else "give a whole number >= 1"))
     root = variants.REPO_ROOT if root is None else root
     names = [n for n in args.variants.split(",") if n] if args.variants else \
         default_variants(root) + ([] if args.quick else [CONTROL])
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        _refuse(f"--variants lists {', '.join(twice)} twice; give each variant once (more seeds: --seeds; the "
+                f"baseline on other seeds: {CONTROL})")
     if "baseline" not in names:
         names = ["baseline", *names]
-    budget_fracs = tuple(float(x) for x in args.budgets.split(",")) if args.budgets else \
-        (QUICK_BUDGETS if args.quick else BUDGETS)
-    seeds = args.seeds or (QUICK_SEEDS if args.quick else SEEDS)
-    if min(seeds, args.parallel, args.lr_points, args.lr_seeds) < 1 or not all(0 < f <= 1 for f in budget_fracs):
-        raise SystemExit("tools/bench: --seeds, --parallel, --lr-points and --lr-seeds must be >= 1 and "
-                         "budget fractions in (0, 1]")
-    budget_n = args.steps or script_settings(variants.script_path("baseline", root)).num_iterations
+    budget_fracs = parse_budgets(args.budgets) if args.budgets else (QUICK_BUDGETS if args.quick else BUDGETS)
+    seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else SEEDS)
     out = args.out or root / "bench_out"
+    if out.exists() and not out.is_dir():
+        _refuse(f"--out {out} is a file; --out must be a folder (a new or an existing one)")
+    main_seeds = list(range(seeds))
+    vs = [make_variant(n, root, [CONTROL_SEED_OFFSET + s for s in main_seeds] if n == CONTROL else main_seeds, extra)
+          for n in names]
+    budget_n = args.steps if args.steps is not None else \
+        script_settings(variants.script_path("baseline", root)).num_iterations
+    if len(budget_steps(budget_n, budget_fracs)) < len(budget_fracs):
+        _refuse(f"N = {budget_n} steps is too few for budgets {budget_fracs} x N: some round to the same step "
+                "count; give a larger --steps or fewer --budgets")
     print(f"tools/bench: variants {', '.join(names)}; N = {budget_n} steps; budgets {budget_fracs} x N; "
           f"{seeds} seeds; {'no LR grid' if args.quick else f'LR grid of {args.lr_points} x {args.lr_seeds} seed(s)'}; "
           f"{args.parallel} at a time; out {out}", flush=True)
     started = time.monotonic()
     CHILDREN.reset()
-    with forwarding_signals():  # SIGINT / SIGTERM: passed on to the running trainings, then a clean stop
-        _, failed = run_bench(names, out, budget_n, budget_fracs, seeds, args.lr_points, args.lr_seeds, args.parallel,
-                              extra, args.quick, root, runner, report_only=args.report)
+    # --report only reads: it takes no lock (it may run beside the bench that writes OUT)
+    with contextlib.nullcontext() if args.report else sweep.holding_out(out, LOCK, "tools/bench"):
+        if not args.report:  # the trainings of a killed bench may live on: each holds OUT/logs/ID.lock
+            sweep.refuse_if_running(sorted((out / "logs").glob("*.lock")), "tools/bench")
+        with forwarding_signals("tools/bench"):  # SIGINT / SIGTERM: passed on to the trainings, then a clean stop
+            _, failed = run_bench(vs, out, budget_n, budget_fracs, seeds, args.lr_points, args.lr_seeds,
+                                  args.parallel, extra, args.quick, root, runner, report_only=args.report)
     print(f"wall time {time.monotonic() - started:.0f} s", flush=True)
     if failed:
         print("\n" + "!" * 80 + "\n" + "\n".join(failed) + "\n" + "!" * 80, flush=True)

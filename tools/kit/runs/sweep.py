@@ -22,8 +22,10 @@ Stopping: Ctrl-C (SIGINT) or SIGTERM is passed on to the running training proces
 waits for them to exit before it stops (a second signal kills them); rerun the same command to
 resume. Each running point holds a lock on OUT/logs/ID.lock (inherited by its training process, so
 it stays held while that process lives even if the sweep itself was killed): a point whose lock is
-held is never started again, and the sweep refuses to resume while one is. OUT/sweep.lock keeps two
-sweeps out of one OUT.
+held is never started again, and the sweep refuses to resume while one is. OUT/sweep.lock (holding the
+sweep's pid) keeps two sweeps out of one OUT. Every run gets --overwrite=1 when its script has that
+setting (a rerun reuses its run id); it is not part of the run id. A value given twice on an axis, a
+value the script's parse_args refuses and --run_id/--log_dir/--overwrite (the sweep's own) are refused.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -41,7 +44,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +56,8 @@ from kit.runs.logs import LogError, Run, parse_log
 
 ALIASES = {"lr": "muon_lr"}
 OWN_OPTIONS = {"parallel", "nproc", "out", "dry-run", "help"}
+OWN_FIELDS = {"run_id", "log_dir", "overwrite"}  # the sweep sets these for every run
+OVERWRITE = "--overwrite=1"  # to every run: a rerun of a killed point reuses its run id (refused without it)
 
 
 @dataclass
@@ -102,7 +107,7 @@ class _Children:
         with self.lock:
             self.procs.discard(proc)
 
-    def stop(self, signum: int) -> None:
+    def stop(self, signum: int, tool: str = "tools/sweep") -> None:
         """Signal handler: pass the first signal on to every child, SIGKILL them on the second."""
         with self.lock:
             again = self.signum is not None
@@ -113,9 +118,9 @@ class _Children:
             _signal_group(proc, send)
         name = signal.Signals(signum).name
         if again:
-            message = f"tools/sweep: {name} again: killed {len(procs)} training run(s)\n"
+            message = f"{tool}: {name} again: killed {len(procs)} training run(s)\n"
         else:
-            message = (f"tools/sweep: {name}: passed on to {len(procs)} training run(s); waiting for them to "
+            message = (f"{tool}: {name}: passed on to {len(procs)} training run(s); waiting for them to "
                        "exit (signal again to kill them)\n")
         os.write(2, message.encode())  # not print: this may interrupt a print in the main thread
 
@@ -130,16 +135,16 @@ CHILDREN = _Children()
 
 
 @contextlib.contextmanager
-def forwarding_signals():
-    """While inside, SIGINT and SIGTERM go to CHILDREN.stop (main thread only; elsewhere a no-op).
-    A signal the sweep was started with ignored (SIGINT of a shell's background job) stays ignored."""
+def forwarding_signals(tool: str = "tools/sweep"):
+    """While inside, SIGINT and SIGTERM go to CHILDREN.stop, whose message names `tool` (main thread only;
+    elsewhere a no-op). A signal the tool was started with ignored (a background job's SIGINT) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     previous = {s: h for s, h in previous.items() if h is not signal.SIG_IGN}  # e.g. a background job's SIGINT
     for s in previous:
-        signal.signal(s, lambda signum, frame: CHILDREN.stop(signum))
+        signal.signal(s, lambda signum, frame: CHILDREN.stop(signum, tool))
     try:
         yield
     finally:
@@ -147,14 +152,15 @@ def forwarding_signals():
             signal.signal(s, handler)
 
 
-def subprocess_runner(cmd: list[str], cwd: Path, stdout_path: Path, lock_fd: int | None = None) -> int:
-    """Run cmd in cwd, in a session of its own, with stdout and stderr to stdout_path; return its
-    exit status. lock_fd (an flock'd file) is inherited by the child and gets the child's pid."""
+def subprocess_runner(cmd: list[str], cwd: Path, stdout_path: Path, lock_fd: int | None = None,
+                      env: dict[str, str] | None = None) -> int:
+    """Run cmd in cwd (with env, default ours), in a session of its own, with stdout and stderr to
+    stdout_path; return its exit status. lock_fd (an flock'd file) is inherited by the child and gets its pid."""
     stdout_path.parent.mkdir(parents=True, exist_ok=True)
     keep = (lock_fd,) if lock_fd is not None else ()
     with open(stdout_path, "w", encoding="utf-8") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                pass_fds=keep)
+                                pass_fds=keep, env=env)
     CHILDREN.add(proc)
     try:
         if lock_fd is not None:
@@ -205,17 +211,59 @@ def finished_run(log_path: Path) -> Run | None:
     return runs[-1] if runs else None
 
 
-def refuse_if_running(points: list[Point]) -> None:
-    """SystemExit (one line) when a point's training process is still alive (its lock is held)."""
-    for point in points:
-        who = holder(lock_path(point))
+def _advice(who: str) -> str:
+    pid = who.removeprefix("pid ")
+    return f"wait for it or stop it (kill {pid})" if pid.isdigit() else "wait for it or stop it"
+
+
+def refuse_if_running(locks: Iterable[Path], tool: str = "tools/sweep") -> None:
+    """SystemExit (one line) when a run's training process is still alive (its lock OUT/logs/ID.lock is held)."""
+    for lock in locks:
+        who = holder(lock)
         if who is not None:
-            pid = who.removeprefix("pid ")
-            advice = f"wait for it or stop it (kill {pid})" if pid.isdigit() else "wait for it or stop it"
             raise SystemExit(
-                f"tools/sweep: refused to resume: run {point.run_id} is still running ({who}, lock {lock_path(point)}; "
-                f"log {point.log_path}); {advice}, then rerun"
+                f"{tool}: refused to resume: run {lock.stem} is still running ({who}, lock {lock}; "
+                f"log {lock.with_suffix('.txt')}); {_advice(who)}, then rerun"
             )
+
+
+@contextlib.contextmanager
+def holding_out(out: Path, name: str, tool: str) -> Iterator[None]:
+    """While inside, an exclusive lock on OUT/name holding our pid (not inherited by the training runs), so
+    that a second `tool` on OUT refuses (SystemExit, one line). Makes OUT; refuses an OUT that is a file."""
+    path = out / name
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = try_lock(path)
+    except OSError as err:
+        why = "it is a file; --out must be a folder" if out.is_file() else f"{err.strerror} ({err.filename})"
+        raise SystemExit(f"{tool}: cannot use --out {out}: {why}") from None
+    if fd is None:
+        who = holder(path) or "a process"
+        raise SystemExit(f"{tool}: {out} is in use by another {tool} ({who}, lock {path}); {_advice(who)}, "
+                         "or give another --out")
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def point_lock(point: Point) -> Iterator[int | None]:
+    """While inside, the fd of the point's lock (None, and nothing done, when another process holds it);
+    a log of an earlier, interrupted try is first moved aside to ID.txt.partial."""
+    fd = try_lock(lock_path(point))
+    if fd is None:
+        yield None
+        return
+    try:
+        if point.log_path.exists():
+            os.replace(point.log_path, point.log_path.with_name(point.log_path.name + ".partial"))
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def run_points(
@@ -234,7 +282,7 @@ def run_points(
             print(f"skip {point.run_id}: finished log {point.log_path}", flush=True)
         else:
             todo.append(point)
-    refuse_if_running(todo)
+    refuse_if_running(lock_path(p) for p in todo)
     if dry_run:
         for point in todo:
             point.status = "dry run"
@@ -248,19 +296,14 @@ def run_points(
         if CHILDREN.signum is not None:
             point.status = "not run (stopped)"
             return
-        fd = try_lock(lock_path(point))
-        if fd is None:
-            point.status = f"not run (locked: {holder(lock_path(point))})"
-            print(f"[{index}/{total}] SKIP {point.run_id}: another process holds {lock_path(point)}", flush=True)
-            return
-        try:
-            if point.log_path.exists():
-                os.replace(point.log_path, point.log_path.with_name(point.log_path.name + ".partial"))
+        with point_lock(point) as fd:
+            if fd is None:
+                point.status = f"not run (locked: {holder(lock_path(point))})"
+                print(f"[{index}/{total}] SKIP {point.run_id}: another process holds {lock_path(point)}", flush=True)
+                return
             print(f"[{index}/{total}] start {point.run_id}", flush=True)
             started = time.monotonic()
             rc = runner(point.cmd, cwd, point.stdout_path, fd)
-        finally:
-            os.close(fd)
         point.run = finished_run(point.log_path)
         elapsed = time.monotonic() - started
         if point.run is None and CHILDREN.signum is not None:
@@ -344,6 +387,8 @@ def parse_sweep_args(argv: list[str]) -> SweepSpec:
         if not sep:
             _usage_error(f"write options as --field=value, not {arg!r}")
         key = key.replace("-", "_")
+        if key in OWN_FIELDS:
+            _usage_error(f"--{key} is set by the sweep for every run (OUT/logs/ID.txt); leave it out")
         if key in ALIASES or "," in value:
             name = ALIASES.get(key, key)
             values = [v for v in value.split(",") if v != ""]
@@ -351,6 +396,10 @@ def parse_sweep_args(argv: list[str]) -> SweepSpec:
                 _usage_error(f"--{key} has no values")
             if name in grid:
                 _usage_error(f"field {name} given twice")
+            keys = [v if _as_float(v) is None else _as_float(v) for v in values]  # 0.01 and 1e-2 are one point
+            twice = [v for i, v in enumerate(values) if keys[i] in keys[:i]]
+            if twice:
+                _usage_error(f"--{key} lists the value {twice[0]} twice (a point would run twice); give each once")
             grid[name] = values
         else:
             passthrough.append(f"--{key}={value}")
@@ -369,16 +418,46 @@ def parse_sweep_args(argv: list[str]) -> SweepSpec:
     return SweepSpec(variant, grid, passthrough, parallel, nproc, out, "dry-run" in own)
 
 
-def hyperparameter_fields(script: Path) -> set[str] | None:
-    """Field names of the script's Hyperparameters dataclass (importing the script runs nothing),
-    or None when it cannot be loaded."""
+@functools.lru_cache(maxsize=32)
+def _load(script: Path, sha: str):
     try:
         spec = importlib.util.spec_from_file_location(f"_sweep_{script.stem}", script)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        return {f.name for f in dataclasses.fields(module.Hyperparameters)}
+        return module
     except Exception:
         return None
+
+
+def load_script(script: Path):
+    """The script as a module (importing it runs nothing; cached per path and text), or None when it cannot load."""
+    return _load(script, script_sha(script))
+
+
+def hyperparameter_fields(script: Path) -> set[str] | None:
+    """Field names of the script's Hyperparameters dataclass, or None when it cannot be loaded."""
+    try:
+        return {f.name for f in dataclasses.fields(load_script(script).Hyperparameters)}
+    except Exception:
+        return None
+
+
+def overwrite_arg(script: Path) -> list[str]:
+    """[OVERWRITE] when the script has that setting (older scripts refuse it), else []."""
+    return [OVERWRITE] if "overwrite" in (hyperparameter_fields(script) or ()) else []
+
+
+def check_points(script: Path, points: list[Point], skip: int, tool: str = "tools/sweep") -> None:
+    """Refuse (one line, before any run starts) a point whose settings the script's own parse_args refuses,
+    e.g. --lr=abc or a negative rate; cmd[skip:] are the script's arguments. Skipped if it has no parse_args."""
+    parse = getattr(load_script(script), "parse_args", None)
+    for point in points if parse else ():
+        try:
+            parse(point.cmd[skip:])
+        except SystemExit as err:
+            what = ", ".join(f"{k}={v}" for k, v in point.values.items())
+            raise SystemExit(f"{tool}: {script.name} refuses the point {what}: "
+                             f"{str(err.code).removeprefix('error: ')}") from None
 
 
 def check_fields(script: Path, names: list[str]) -> None:
@@ -422,6 +501,7 @@ def make_points(spec: SweepSpec, script: Path, out: Path, prefix: str = "sweep")
     points = []
     fields = list(spec.grid)
     code_sha = script_sha(script)
+    overwrite = overwrite_arg(script)  # not in the run id: ids stay as they were before scripts had it
     for combo in itertools.product(*(spec.grid[f] for f in fields)):
         values = dict(zip(fields, combo, strict=True))
         run_id = run_id_for(prefix, spec.variant, values, spec.passthrough, code_sha)
@@ -429,6 +509,7 @@ def make_points(spec: SweepSpec, script: Path, out: Path, prefix: str = "sweep")
             *launch_prefix(script, spec.nproc),
             f"--run_id={run_id}",
             f"--log_dir={out / 'logs'}",
+            *overwrite,
             *spec.passthrough,
             *(f"--{k}={v}" for k, v in values.items()),
         ]
@@ -509,25 +590,18 @@ def run_sweep(spec: SweepSpec, runner: Runner = subprocess_runner, root: Path | 
     """Run (or resume) the sweep, write OUT/sweep.csv and OUT/sweep.png, print the table."""
     root = variants.REPO_ROOT if root is None else Path(root)
     script = variants.script_path(spec.variant, root)
+    fields = list(spec.grid)
+    out = (spec.out or root / "sweeps" / f"{spec.variant}_{'_'.join(fields)}").resolve()
+    points = make_points(spec, script, out)
     if runner is subprocess_runner:
         if not script.exists():
             known = ", ".join(variants.variant_scripts(root)) or "none"
             raise SystemExit(f"tools/sweep: no script {script}; variants with a script: {known}")
         names = list(spec.grid) + [a[2:].partition("=")[0] for a in spec.passthrough if a.startswith("--")]
         check_fields(script, names)
-    fields = list(spec.grid)
-    out = (spec.out or root / "sweeps" / f"{spec.variant}_{'_'.join(fields)}").resolve()
-    points = make_points(spec, script, out)
-    print(f"sweep of {spec.variant}: {len(points)} point(s) over {', '.join(fields)}; output in {out}", flush=True)
-    with contextlib.ExitStack() as stack:
-        if not spec.dry_run:
-            sweep_lock = out / "sweep.lock"
-            fd = try_lock(sweep_lock)
-            if fd is None:
-                raise SystemExit(f"tools/sweep: another tools/sweep is using {out} (lock {sweep_lock}); wait for it")
-            stack.callback(os.close, fd)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        check_points(script, points, len(launch_prefix(script, spec.nproc)))
+    with holding_out(out, "sweep.lock", "tools/sweep") if not spec.dry_run else contextlib.nullcontext():
+        print(f"sweep of {spec.variant}: {len(points)} point(s) over {', '.join(fields)}; output in {out}", flush=True)
         run_points(points, root, spec.parallel, runner, spec.dry_run)
     if spec.dry_run:
         return points
