@@ -315,7 +315,7 @@ def test_sweep_reruns_a_killed_point_under_its_run_id_with_overwrite(repo, tmp_p
     script = repo / "speedruns" / "train_gpt_medium.py"
     run_id = sweep.run_id_for("sweep", "baseline", {"muon_lr": "0.02"}, ["--num_iterations=5"],
                               sweep.script_sha(script))
-    assert (out / "logs" / f"{run_id}.txt.partial").exists() and (repo / "checkpoints" / run_id).is_dir()
+    assert (out / "logs" / f"{run_id}.txt.partial").exists() and (out / "checkpoints" / run_id).is_dir()
     assert sweep.finished_run(out / "logs" / f"{run_id}.txt").final_val_loss == pytest.approx(5.0)
     (point,) = sweep.make_points(sweep.parse_sweep_args(argv), script, out)
     assert "--overwrite=1" in point.cmd and point.run_id == run_id  # given, but not part of the run id

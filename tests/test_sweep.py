@@ -113,7 +113,8 @@ def test_sweep_commands(tmp_path):
     cmd = points[1].cmd
     assert cmd[:4] == ["torchrun", "--standalone", "--nproc_per_node=8", "/r/speedruns/train_gpt_medium_polar.py"]
     log_dir = tmp_path / "logs"
-    assert cmd[4:] == [f"--run_id={points[1].run_id}", f"--log_dir={log_dir}", "--preset=cpu", "--muon_lr=0.02"]
+    assert cmd[4:] == [f"--run_id={points[1].run_id}", f"--log_dir={log_dir}",
+                       f"--checkpoint_dir={tmp_path / 'checkpoints'}", "--preset=cpu", "--muon_lr=0.02"]
 
 
 # ----------------------------------------------------------------------------- a real training process

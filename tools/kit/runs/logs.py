@@ -326,7 +326,7 @@ def steps_to_target(validations: list[Validation], target: float) -> float | Non
 # runs of one record: where files go, when checkpoints are saved and validations made (both read the
 # model, never change it or the training data order) and the seed (repeated runs of one set of
 # settings differ by seed). Runs that differ only in these are pooled; every other field must match.
-RESULT_NEUTRAL = ("run_id", "log_dir", "checkpoint_dir", "checkpoint_every", "val_loss_every", "seed")
+RESULT_NEUTRAL = ("run_id", "log_dir", "checkpoint_dir", "checkpoint_every", "val_loss_every", "seed", "overwrite")
 
 
 def comparable_settings(hyperparameters: dict) -> dict:

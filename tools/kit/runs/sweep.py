@@ -9,7 +9,8 @@ Each option whose value holds a comma is a grid axis over that Hyperparameters f
 an alias for `muon_lr` and is always an axis); other `--field=value` options (and everything after
 `--`, e.g. `-- --checkpoint_every=10:100,100`) go unchanged to every run. Each grid point runs
 
-    python speedruns/train_gpt_medium[_VARIANT].py --run_id=ID --log_dir=OUT/logs ARGS --field=value
+    python speedruns/train_gpt_medium[_VARIANT].py --run_id=ID --log_dir=OUT/logs --checkpoint_dir=OUT/checkpoints \
+        ARGS --field=value
 
 (under `torchrun --standalone --nproc_per_node=K` with --nproc K > 1), from the repository root,
 with ID derived from the variant, the point, ARGS and the script's code. A point whose log holds
@@ -26,6 +27,7 @@ held is never started again, and the sweep refuses to resume while one is. OUT/s
 sweep's pid) keeps two sweeps out of one OUT. Every run gets --overwrite=1 when its script has that
 setting (a rerun reuses its run id); it is not part of the run id. A value given twice on an axis, a
 value the script's parse_args refuses and --run_id/--log_dir/--overwrite (the sweep's own) are refused.
+Checkpoints go to OUT/checkpoints/ID unless ARGS name another --checkpoint_dir.
 """
 
 from __future__ import annotations
@@ -509,6 +511,7 @@ def make_points(spec: SweepSpec, script: Path, out: Path, prefix: str = "sweep")
             *launch_prefix(script, spec.nproc),
             f"--run_id={run_id}",
             f"--log_dir={out / 'logs'}",
+            f"--checkpoint_dir={out / 'checkpoints'}",
             *overwrite,
             *spec.passthrough,
             *(f"--{k}={v}" for k, v in values.items()),
