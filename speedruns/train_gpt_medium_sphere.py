@@ -18,7 +18,9 @@ import json
 import math
 import os
 import platform
+import re
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -82,6 +84,7 @@ class Hyperparameters:
     device: str = "auto"  # auto | cuda | cpu
     compile: bool = True  # torch.compile on CUDA (never on CPU)
     run_id: str = ""  # default: time stamp + random suffix
+    overwrite: bool = False  # replace an existing run of this run id: its log and checkpoint folder are removed first
     log_dir: str = "logs"
     checkpoint_dir: str = "checkpoints"
     preset: str = "official"
@@ -154,7 +157,7 @@ MAKE_DATA_HINT = "make data with tools/prepare_tiny_data (CPU preset) or tools/f
 
 
 def parse_args(argv):
-    """Build Hyperparameters from `--key=value` arguments; `--preset=NAME` is applied first."""
+    """Build Hyperparameters from `--key=value` arguments (`--preset=NAME` is applied first) and check them."""
     fields = {f.name: f for f in dataclasses.fields(Hyperparameters)}
     overrides = {}
     for arg in argv:
@@ -181,7 +184,38 @@ def parse_args(argv):
                 values[key] = kind(text)
         except ValueError:
             raise SystemExit(f"error: --{key}={text} is not a valid {kind.__name__}") from None
-    return Hyperparameters(**values)
+    args = Hyperparameters(**values)
+    validate_args(args)
+    return args
+
+
+# What each baseline setting must be (a variant checks the settings it adds itself).
+SETTING_RULES = (
+    ("num_iterations train_seq_len val_seq_len micro_batches vocab_size model_dim num_heads mlp_ratio "
+     "attn_block_size max_window", lambda v: v >= 1, "must be 1 or more"),
+    ("val_loss_every warmup_steps muon_momentum_warmup_steps muon_lr head_lr embed_lr scalar_lr muon_wd",
+     lambda v: v >= 0, "must be 0 or more"),
+    ("muon_momentum_start muon_momentum adam_beta1 adam_beta2", lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+    ("cooldown_frac", lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+    ("adam_eps", lambda v: v > 0, "must be positive"),
+    ("device", lambda v: v in ("auto", "cuda", "cpu"), "must be auto, cuda or cpu"),
+)
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")  # a plain file name: it names the log and a folder
+
+
+def validate_args(args):
+    """One-line SystemExit for the first setting that cannot make a run."""
+    for names, ok, rule in SETTING_RULES:
+        for name in names.split():
+            if not ok(getattr(args, name)):
+                raise SystemExit(f"error: --{name}={getattr(args, name)} {rule}")
+    if args.val_tokens < args.val_seq_len:
+        raise SystemExit(f"error: --val_tokens={args.val_tokens} must be at least --val_seq_len={args.val_seq_len} "
+                         "(one validation sequence)")
+    if args.run_id and not RUN_ID_PATTERN.fullmatch(args.run_id):
+        raise SystemExit(f"error: --run_id={args.run_id!r} is not a plain name; use letters, digits, '_', '+', '-' "
+                         "and '.' (not first)")
+    checkpoint_steps(args.checkpoint_every, args.num_iterations)
 
 
 def checkpoint_steps(spec, num_iterations):
@@ -204,8 +238,9 @@ def checkpoint_steps(spec, num_iterations):
 # Data: shards of the official FineWeb format
 
 
-def read_shard(path):
-    """A shard: 256 int32 header (magic, version, token count), then uint16 tokens. -> int32 tensor [N]."""
+def shard_size(path):
+    """Tokens in a shard (256 int32 header: magic, version, token count; then uint16 tokens), checked
+    against the file's size."""
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     if header.size < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC:
         raise SystemExit(f"error: {path} is not a token shard (bad magic number); {MAKE_DATA_HINT}")
@@ -216,7 +251,17 @@ def read_shard(path):
     if os.path.getsize(path) != expected:
         raise SystemExit(f"error: {path} holds {os.path.getsize(path)} bytes, its header promises {expected}; "
                          f"the file is damaged, {MAKE_DATA_HINT}")
+    return num_tokens
+
+
+def read_shard(path, vocab_size=None):
+    """A shard's tokens -> int32 tensor [N]; with vocab_size, every id must lie below it."""
+    num_tokens = shard_size(path)
     tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=4 * SHARD_HEADER_INTS)
+    if vocab_size is not None and num_tokens and tokens.max() >= vocab_size:
+        raise SystemExit(f"error: {path} holds token id {tokens.max()}, outside --vocab_size={vocab_size}; use the "
+                         f"preset made for this data (cpu or official: GPT-2 tokens, bench: bytes) or a larger "
+                         f"--vocab_size")
     return torch.from_numpy(tokens.astype(np.int32))
 
 
@@ -234,25 +279,27 @@ class TrainLoader:
     rank * accum ... rank * accum + accum - 1, so the global batch does not depend on the world size.
     """
 
-    def __init__(self, pattern, seq_len, micro_batches, rank, world_size):
+    def __init__(self, pattern, seq_len, micro_batches, rank, world_size, vocab_size=None):
         self.files, self.seq_len, self.micro_batches = find_files(pattern), seq_len, micro_batches
         self.accum = micro_batches // world_size
         self.first = rank * self.accum
+        self.vocab_size = vocab_size
+        step_tokens = micro_batches * seq_len + 1
+        for path in self.files:  # headers only: each shard's tokens are read when its turn comes
+            if shard_size(path) < step_tokens:
+                raise SystemExit(f"error: {path} holds {shard_size(path)} tokens, fewer than one step needs "
+                                 f"({step_tokens}); lower --train_seq_len or --micro_batches")
         self.reset()
 
     def reset(self):
         self.file_index, self.pos = 0, 0
-        self.tokens = read_shard(self.files[0])
+        self.tokens = read_shard(self.files[0], self.vocab_size)
 
     def next_step(self):
         """-> list of (inputs [T], targets [T]) for this process's micro-batches of the next step."""
-        step_tokens = self.micro_batches * self.seq_len + 1
-        if step_tokens > len(self.tokens):
-            raise SystemExit(f"error: {self.files[self.file_index]} holds {len(self.tokens)} tokens, fewer than "
-                             f"one step needs ({step_tokens}); lower --train_seq_len or --micro_batches")
-        if self.pos + step_tokens > len(self.tokens):
+        if self.pos + self.micro_batches * self.seq_len + 1 > len(self.tokens):
             self.file_index = (self.file_index + 1) % len(self.files)
-            self.tokens, self.pos = read_shard(self.files[self.file_index]), 0
+            self.tokens, self.pos = read_shard(self.files[self.file_index], self.vocab_size), 0
         batches = []
         for j in range(self.first, self.first + self.accum):
             start = self.pos + j * self.seq_len
@@ -679,10 +726,17 @@ def save_checkpoint(path, model, muon, adam, args, step, val_loss, rank, world_s
         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "optimizer": {"muon": muon_state, "adam": adam_state(adam, names)},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:  # through a Python file, a full disk is an OSError (a path gives RuntimeError)
+            torch.save(ckpt, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp.exists():
+            tmp.unlink()
+        raise SystemExit(f"error: cannot write checkpoint {path} ({e.strerror or e}); free disk space or choose "
+                         "another --checkpoint_dir") from None
 
 
 def load_checkpoint(path):
@@ -723,6 +777,44 @@ def environment_lines(device, world_size, run_id, args):
     return lines
 
 
+def refuse_existing_run(log_path, run_dir):
+    for path, what in ((log_path, "log"), (run_dir, "checkpoint folder")):
+        if path.exists():
+            raise SystemExit(f"error: the {what} {path} of this run id exists; choose a new --run_id, or pass "
+                             "--overwrite=1 to replace that run")
+
+
+def start_run(log_path, run_dir, overwrite, makes_checkpoints, rank, world_size):
+    """Rank 0 removes the run that --overwrite replaces, creates the log with the script's source and makes the
+    checkpoint folder (one that cannot be made fails now, not at the first checkpoint); every process learns
+    whether that worked, so that all stop alike when it did not."""
+    error = None
+    if rank == 0:
+        created = False
+        try:
+            if overwrite:
+                log_path.unlink(missing_ok=True)
+                if run_dir.is_dir():
+                    shutil.rmtree(run_dir)
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "x") as f:  # "x": a run that took this id since the check is not overwritten
+                created = True
+                f.write(script_source().rstrip("\n") + "\n" + "=" * 100 + "\n")
+            if makes_checkpoints:
+                run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if created:
+                log_path.unlink(missing_ok=True)
+            error = (f"error: cannot write {e.filename or log_path} ({e.strerror or e}); check its permissions and "
+                     "free space, or choose another --log_dir or --checkpoint_dir")
+    if world_size > 1:
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error:
+        raise SystemExit(error)
+
+
 class Logger:
     def __init__(self, path, enabled):
         self.path, self.enabled = path, enabled
@@ -732,8 +824,11 @@ class Logger:
             return
         if echo:
             print(text, flush=True)
-        with open(self.path, "a") as f:
-            f.write(text + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(text + "\n")
+        except OSError as e:
+            raise SystemExit(f"error: cannot write the log {self.path} ({e.strerror or e}); free disk space") from None
 
 
 def lr_multiplier(step, args):
@@ -761,18 +856,30 @@ def keep_freed_memory():
 
 
 def setup_distributed(args):
+    """(rank, world_size, device) from torchrun's environment; refuses what cannot run there. The processes
+    join their group later (join_process_group), once each has checked the run's settings and data."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device=cuda but this machine has no CUDA device; train on the CPU with "
+                         "--preset=cpu (or --device=cpu)")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if args.micro_batches % world_size:
         raise SystemExit(f"error: {world_size} processes cannot share {args.micro_batches} micro-batches per step; "
                          f"run 1, 2, 4 or 8 processes (a divisor of --micro_batches)")
-    if world_size > 1:
-        if use_cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    if use_cuda and (args.train_seq_len % args.attn_block_size or args.val_seq_len % args.attn_block_size):
+        raise SystemExit(f"error: on CUDA, --train_seq_len={args.train_seq_len} and --val_seq_len={args.val_seq_len} "
+                         f"must be multiples of --attn_block_size={args.attn_block_size}")
     return rank, world_size, device
+
+
+def join_process_group(world_size, device):
+    if world_size > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
 
 
 def build_optimizers(model, args, rank, world_size):
@@ -808,16 +915,24 @@ def all_reduce_grads(model, world_size):
 _VAL_TOKENS = {}
 
 
-@torch.no_grad()
-def evaluate(model_forward, args, step, rank, world_size, device):
-    """Mean loss over val_tokens from the start of the validation shards (the same tokens every time)."""
-    if args.val_files not in _VAL_TOKENS:
-        _VAL_TOKENS[args.val_files] = torch.cat([read_shard(f) for f in find_files(args.val_files)])
-    tokens = _VAL_TOKENS[args.val_files]
+def validation_tokens(args, world_size):
+    """The validation shards' tokens (read once), checked to hold val_tokens in sequences shared evenly."""
+    key = (args.val_files, args.vocab_size)
+    if key not in _VAL_TOKENS:
+        _VAL_TOKENS[key] = torch.cat([read_shard(f, args.vocab_size) for f in find_files(args.val_files)])
+    tokens = _VAL_TOKENS[key]
     num_seqs = args.val_tokens // args.val_seq_len
     if num_seqs % world_size or num_seqs * args.val_seq_len + 1 > len(tokens):
         raise SystemExit(f"error: --val_tokens={args.val_tokens} must be a multiple of val_seq_len x processes "
                          f"and fit in the {len(tokens)} validation tokens of {args.val_files}")
+    return tokens
+
+
+@torch.no_grad()
+def evaluate(model_forward, args, step, rank, world_size, device):
+    """Mean loss over val_tokens from the start of the validation shards (the same tokens every time)."""
+    tokens = validation_tokens(args, world_size)
+    num_seqs = args.val_tokens // args.val_seq_len
     window = window_tensor(step, args, device)
     total = torch.zeros((), device=device)
     for i in range(rank, num_seqs, world_size):
@@ -879,18 +994,14 @@ def main(argv=None):
         keep_freed_memory()
     torch.manual_seed(args.seed)
     run_id = args.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    log_path = Path(args.log_dir) / f"{run_id}.txt"
-    if rank == 0:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_text(script_source().rstrip("\n") + "\n" + "=" * 100 + "\n")
-    log = Logger(log_path, rank == 0)
-    for line in environment_lines(device, world_size, run_id, args):
-        log(line, echo=False)
-    log("clock: train_time counts everything but validation and checkpoint writing (record #8 writes no "
-        "checkpoints)", echo=False)
-    log("=" * 100, echo=False)
-    if rank == 0:
-        print(f"logging to {log_path}", flush=True)
+    log_path, run_dir = Path(args.log_dir) / f"{run_id}.txt", Path(args.checkpoint_dir) / run_id
+    # Every process checks the run id and opens the data before any joins the group, and the log comes after
+    # the model and optimizers are built: an error stops all processes alike and leaves no file behind.
+    if not args.overwrite:
+        refuse_existing_run(log_path, run_dir)
+    loader = TrainLoader(args.train_files, args.train_seq_len, args.micro_batches, rank, world_size, args.vocab_size)
+    validation_tokens(args, world_size)
+    join_process_group(world_size, device)
 
     model = GPT(args).to(device)
     if device.type == "cuda":  # bf16 block matrices and embeddings; the head, the scalars and RoPE stay fp32
@@ -905,8 +1016,16 @@ def main(argv=None):
     if args.compile and device.type == "cuda":
         model_forward = torch.compile(model, dynamic=False)
         orthogonalize = torch.compile(orthogonalize)  # record #8 compiles its Newton-Schulz iteration
-    loader = TrainLoader(args.train_files, args.train_seq_len, args.micro_batches, rank, world_size)
     save_at = checkpoint_steps(args.checkpoint_every, args.num_iterations)
+    start_run(log_path, run_dir, args.overwrite, bool(save_at), rank, world_size)
+    log = Logger(log_path, rank == 0)
+    for line in environment_lines(device, world_size, run_id, args):
+        log(line, echo=False)
+    log("clock: train_time counts everything but validation and checkpoint writing (record #8 writes no "
+        "checkpoints)", echo=False)
+    log("=" * 100, echo=False)
+    if rank == 0:
+        print(f"logging to {log_path}", flush=True)
 
     if args.warmup_steps and device.type == "cuda":  # compile the kernels, then undo the warm-up entirely
         initial = [{k: v.clone() for k, v in model.state_dict().items()},
