@@ -336,7 +336,7 @@ def test_bench_reruns_killed_runs_under_their_run_ids_with_overwrite(repo, tmp_p
     assert "--overwrite=1" in run.point.cmd
     args = ["--preset=bench", "--num_iterations=10", "--val_loss_every=2"]
     assert run.point.run_id == sweep.run_id_for("bench-main", "baseline", {"seed": "0", "steps": "10",
-                                                "muon_lr": "0.02"}, args, sweep.script_sha(variant.script))
+                                                "muon_lr": "0.02"}, args, variant.key)  # code, data, torch, threads
 
 
 # ----------------------------------------------------------------------------- messages that misled

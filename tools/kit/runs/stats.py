@@ -1,4 +1,5 @@
-"""Statistics of final validation losses: summary, the public significance rule, baseline comparison.
+"""Statistics of final validation losses: summary, the public significance rule, baseline comparison,
+Holm's correction for many comparisons.
 
 The public speedrun rule for a new record with n runs of mean final loss m:
 
@@ -23,6 +24,7 @@ with at most 15 significant digits (ours have 7). With S the sum of the n losses
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal, localcontext
 
@@ -135,3 +137,17 @@ def compare_means(ours: list[float], baseline: list[float]) -> Comparison:
         return Comparison(diff, "none (one run on each side)", None, a.n, b.n)
     p = float(result.pvalue)
     return Comparison(diff, test, None if math.isnan(p) else p, a.n, b.n)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given: sorted ascending, the i-th smallest (i = 1..m)
+    times m - i + 1, made non-decreasing (a running maximum) and capped at 1. Rejecting where the adjusted p
+    is below alpha is Holm's procedure (reject p_(i) while p_(i) <= alpha / (m - i + 1)): the probability of
+    any false rejection among the m stays at most alpha, whatever their dependence."""
+    m = len(p_values)
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda k: p_values[k])):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
