@@ -47,6 +47,7 @@ class Hyperparameters:
     train_seq_len: int = 64 * 1024  # tokens in one micro-batch
     val_seq_len: int = 4 * 64 * 1024  # record #8 validates 40 sequences of 262,144 tokens
     micro_batches: int = 8  # micro-batches per step, split over the processes (the rest is accumulation)
+    shuffle_train: bool = False  # read each shard's sequences in an order seeded by --seed (else in stream order)
     # model
     vocab_size: int = 50257
     num_layers: int = 16
@@ -64,6 +65,7 @@ class Hyperparameters:
     muon_momentum: float = 0.95
     muon_momentum_warmup_steps: int = 300
     muon_wd: float = 0.01  # decoupled, times 2 on the MLP matrices
+    muon_lr_mult: str = ""  # e.g. "q=2,mlp_in=0.5": Muon's step (not its decay) scaled for these matrices
     # Adam, for the head, the embeddings and the scalars
     head_lr: float = 1 / 320
     embed_lr: float = 0.3
@@ -77,7 +79,8 @@ class Hyperparameters:
     warmup_steps: int = 10  # compile warm-up steps on CUDA, undone before the timed run
     seed: int = 0
     device: str = "auto"  # auto | cuda | cpu
-    compile: bool = True  # torch.compile on CUDA (never on CPU)
+    compile: bool = True  # torch.compile of the model (and on CUDA of Newton-Schulz)
+    fuse_micro_batches: bool = True  # CPU: a step's micro-batches in one batched forward/backward (same math)
     run_id: str = ""  # default: time stamp + random suffix
     overwrite: bool = False  # replace an existing run of this run id: its log and checkpoint folder are removed first
     log_dir: str = "logs"
@@ -129,6 +132,8 @@ PRESETS = {
         num_iterations=130,
         muon_lr=0.05,
         muon_momentum_warmup_steps=10,
+        muon_wd=0.228,  # record #8's integrated decay: sum over steps of lr x wd = 0.97 (MLP 1.94)
+        shuffle_train=True,
         head_lr=0.02,
         val_loss_every=26,
         checkpoint_every="",
@@ -268,17 +273,19 @@ def find_files(pattern):
 
 
 class TrainLoader:
-    """Each step reads micro_batches contiguous slices of train_seq_len + 1 tokens, cycling over the shards.
+    """Each step reads micro_batches sequences of train_seq_len + 1 tokens, cycling over the shards.
 
-    The micro-batches of one step are split over the processes; process `rank` reads the ones numbered
-    rank * accum ... rank * accum + accum - 1, so the global batch does not depend on the world size.
+    A shard holds (tokens - 1) // train_seq_len sequence slots, read in stream order or, with a seed,
+    in a random order drawn from it (a new one per shard), each slot once per pass. The micro-batches of
+    one step are split over the processes; process `rank` reads the ones numbered rank * accum ...
+    rank * accum + accum - 1, so the global batch does not depend on the world size.
     """
 
-    def __init__(self, pattern, seq_len, micro_batches, rank, world_size, vocab_size=None):
+    def __init__(self, pattern, seq_len, micro_batches, rank, world_size, vocab_size=None, seed=None):
         self.files, self.seq_len, self.micro_batches = find_files(pattern), seq_len, micro_batches
         self.accum = micro_batches // world_size
         self.first = rank * self.accum
-        self.vocab_size = vocab_size
+        self.vocab_size, self.seed = vocab_size, seed
         step_tokens = micro_batches * seq_len + 1
         for path in self.files:  # headers only: each shard's tokens are read when its turn comes
             if shard_size(path) < step_tokens:
@@ -287,21 +294,24 @@ class TrainLoader:
         self.reset()
 
     def reset(self):
-        self.file_index, self.pos = 0, 0
-        self.tokens = read_shard(self.files[0], self.vocab_size)
+        self.open(0)
+
+    def open(self, index):
+        self.file_index, self.tokens, self.used = index, read_shard(self.files[index], self.vocab_size), 0
+        slots = (len(self.tokens) - 1) // self.seq_len
+        if self.seed is None:
+            self.order = torch.arange(slots)
+        else:
+            self.order = torch.randperm(slots, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + index))
 
     def next_step(self):
-        """-> list of (inputs [T], targets [T]) for this process's micro-batches of the next step."""
-        if self.pos + self.micro_batches * self.seq_len + 1 > len(self.tokens):
-            self.file_index = (self.file_index + 1) % len(self.files)
-            self.tokens, self.pos = read_shard(self.files[self.file_index], self.vocab_size), 0
-        batches = []
-        for j in range(self.first, self.first + self.accum):
-            start = self.pos + j * self.seq_len
-            buf = self.tokens[start : start + self.seq_len + 1].long()
-            batches.append((buf[:-1], buf[1:]))
-        self.pos += self.micro_batches * self.seq_len
-        return batches
+        """-> inputs [accum, T], targets [accum, T]: this process's micro-batches of the next step."""
+        if self.used + self.micro_batches > len(self.order):
+            self.open((self.file_index + 1) % len(self.files))
+        mine = self.order[self.used + self.first : self.used + self.first + self.accum].tolist()
+        self.used += self.micro_batches
+        rows = torch.stack([self.tokens[i * self.seq_len : (i + 1) * self.seq_len + 1] for i in mine]).long()
+        return rows[:, :-1], rows[:, 1:]
 
 
 # -----------------------------------------------------------------------------
@@ -324,28 +334,63 @@ class Rotary(nn.Module):
         self.register_buffer("cos", theta.cos(), persistent=False)
         self.register_buffer("sin", theta.sin(), persistent=False)
 
-    def forward(self, x):  # [T, H, D] -> [T, H, D]
-        cos, sin = self.cos[: x.size(0), None, :], self.sin[: x.size(0), None, :]
+    def forward(self, x):  # [B, T, H, D] -> [B, T, H, D]
+        cos, sin = self.cos[: x.size(-3), None, :], self.sin[: x.size(-3), None, :]
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
 
 
 def document_ids(tokens):
-    """[T] -> [T]: index of the document each token belongs to (a new one starts at every EOT token)."""
-    return (tokens == EOT_TOKEN).cumsum(0)
+    """[B, T] -> [B, T]: index of the document each token belongs to (a new one starts at every EOT token)."""
+    return (tokens == EOT_TOKEN).cumsum(-1)
 
 
 def dense_attention_mask(docs, window_blocks, block_size):
-    """The masked attention of the speedrun as a dense [T, T] boolean mask (True = may attend).
+    """The masked attention of the speedrun as a dense boolean mask (True = may attend). [B, T] -> [B, T, T]
 
     Query q sees key k when k <= q, both lie in the same document, and k's block is one of the
-    window_blocks nearest blocks up to q's own.
+    window_blocks nearest blocks up to q's own. (The reference that the other two forms are tested against.)
     """
-    pos = torch.arange(docs.numel(), device=docs.device)
+    pos = torch.arange(docs.size(-1), device=docs.device)
     q, k = pos[:, None], pos[None, :]
-    same_doc = docs[:, None] == docs[None, :]
+    same_doc = docs[..., :, None] == docs[..., None, :]
     in_window = (q // block_size - k // block_size) < window_blocks
     return (k <= q) & same_doc & in_window
+
+
+def local_attention_mask(docs, window_blocks, block_size, span):
+    """The same mask for the CPU path, over only the keys a query block can see. [B, T] -> [B, nb, bs, S]
+
+    Query block i (nb = ceil(T / bs) blocks of bs tokens) looks at the S = span * bs keys of blocks
+    i - span + 1 .. i. span is fixed (the largest window), so a growing window changes no shape; the
+    window itself masks. Keys before the sequence start or past its end are masked (never seen).
+    """
+    B, T = docs.shape
+    nb = -(-T // block_size)
+    front, back = (span - 1) * block_size, nb * block_size - T
+    pos = torch.arange(nb * block_size, device=docs.device)
+    q_pos = pos.view(nb, block_size, 1)
+    k_pos = (pos.view(nb, block_size)[:, :1] - front + torch.arange(span * block_size, device=docs.device))[:, None]
+    q_docs = F.pad(docs, (0, back), value=-1).view(B, nb, block_size, 1)
+    k_docs = F.pad(docs, (front, back), value=-1).unfold(1, span * block_size, block_size)[:, :, None]
+    in_window = (q_pos // block_size - k_pos.div(block_size, rounding_mode="floor")) < window_blocks
+    return (k_pos <= q_pos) & (k_pos >= 0) & in_window & (q_docs == k_docs)
+
+
+def local_attention(q, k, v, mask, scale):
+    """Attention of each query block on the keys of its span (the mask from local_attention_mask).
+    q, k, v [B, T, H, D] -> [B, T, H, D]; the same numbers as dense masked attention over all T keys."""
+    B, T, H, D = q.shape
+    nb, bs, S = mask.shape[-3:]
+    front, back = S - bs, nb * bs - T
+
+    def key_blocks(t):  # [B, T, H, D] -> [B * nb, H, S, D]
+        return F.pad(t, (0, 0, 0, 0, front, back)).unfold(1, S, bs).transpose(-1, -2).reshape(B * nb, H, S, D)
+
+    q_blocks = F.pad(q, (0, 0, 0, 0, 0, back)).view(B, nb, bs, H, D).transpose(2, 3).reshape(B * nb, H, bs, D)
+    y = F.scaled_dot_product_attention(q_blocks, key_blocks(k), key_blocks(v), attn_mask=mask.view(B * nb, 1, bs, S),
+                                       scale=scale)
+    return y.view(B, nb, H, bs, D).transpose(2, 3).reshape(B, nb * bs, H, D)[:, :T]
 
 
 def flex_block_mask(docs, window_blocks, block_size):
@@ -375,23 +420,26 @@ def flex_block_mask(docs, window_blocks, block_size):
         order = blockmask.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
         return counts[None, None].contiguous(), order[None, None].contiguous()
 
-    def mask_mod(b, h, q_idx, kv_idx):  # the token-level mask (eager FlexAttention applies it everywhere)
-        near = q_idx // block_size - kv_idx // block_size < window_blocks
-        return (kv_idx <= q_idx) & (docs[q_idx] == docs[kv_idx]) & near
+    # Compiled, FlexAttention visits only the listed blocks, which are the window; eager (uncompiled), it
+    # applies mask_mod at every position, which must then hold the window too (a term that does not compile
+    # on the CPU, so it is left out where it is not needed).
+    eager = not torch.compiler.is_compiling()
+
+    def mask_mod(b, h, q_idx, kv_idx):  # the token-level mask
+        causal_doc = (kv_idx <= q_idx) & (docs[q_idx] == docs[kv_idx])
+        return causal_doc & (q_idx // block_size - kv_idx // block_size < window_blocks) if eager else causal_doc
 
     return BlockMask.from_kv_blocks(*listed(partial), *listed(full), BLOCK_SIZE=block_size, mask_mod=mask_mod)
 
 
 def attend(q, k, v, mask):
-    """q, k, v [T, H, D]; mask a dense bool [T, T] (CPU path) or a BlockMask (FlexAttention) -> [T, H, D]."""
-    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, H, T, D]
+    """q, k, v [B, T, H, D]; mask from local_attention_mask (CPU) or a BlockMask (FlexAttention) -> [B, T, H, D]."""
     if isinstance(mask, torch.Tensor):
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ATTN_SCALE)
-    else:
-        from torch.nn.attention.flex_attention import flex_attention
+        return local_attention(q, k, v, mask, ATTN_SCALE)
+    from torch.nn.attention.flex_attention import flex_attention
 
-        y = flex_attention(q, k, v, block_mask=mask, scale=ATTN_SCALE)
-    return y[0].transpose(0, 1)
+    y = flex_attention(*(t.transpose(1, 2).contiguous() for t in (q, k, v)), block_mask=mask, scale=ATTN_SCALE)
+    return y.transpose(1, 2)
 
 
 def uniform_init_(weight, fan_in):
@@ -411,15 +459,15 @@ class Attention(nn.Module):
             self.qkvo_w[3].zero_()
         self.rotary = Rotary(self.head_dim, max_seq_len)
 
-    def forward(self, x, ve, lambdas, mask):  # x [T, dim]
-        T = x.size(0)
-        qkv = F.linear(x, self.qkvo_w[:3].flatten(0, 1).type_as(x)).view(T, 3 * self.num_heads, self.head_dim)
-        q, k, v = norm(qkv).chunk(3, dim=1)
+    def forward(self, x, ve, lambdas, mask):  # x [B, T, dim]
+        B, T = x.shape[:2]
+        qkv = F.linear(x, self.qkvo_w[:3].flatten(0, 1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim)
+        q, k, v = norm(qkv).chunk(3, dim=2)
         q, k = self.rotary(q), self.rotary(k)
         v = lambdas[0] * v
         if ve is not None:
             v = v + lambdas[1] * ve.view_as(v)
-        y = attend(q, k, v, mask).reshape(T, -1)
+        y = attend(q, k, v, mask).reshape(B, T, -1)
         return F.linear(y, self.qkvo_w[3].type_as(y))
 
 
@@ -447,7 +495,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """The 16-block U-net GPT of record #8. forward(inputs [T], targets [T], window_blocks) -> mean loss."""
+    """The 16-block U-net GPT of record #8. forward(inputs [B, T], targets [B, T], window_blocks) -> mean loss."""
 
     def __init__(self, args):
         super().__init__()
@@ -481,11 +529,24 @@ class GPT(nn.Module):
         """Masks for the long and the short window (the short one is half as many blocks).
 
         window_blocks is an int or a 0-dim tensor (a tensor, so that a new size does not recompile)."""
+        return (self.flex_masks if input_seq.is_cuda else self.local_masks)(input_seq, window_blocks)
+
+    def windows(self, input_seq, window_blocks):
         docs = document_ids(input_seq)
-        build = flex_block_mask if input_seq.is_cuda else dense_attention_mask
-        bs = self.args.attn_block_size
         window = torch.as_tensor(window_blocks, device=input_seq.device)
-        return {"long": build(docs, window.clamp(min=1), bs), "short": build(docs, (window // 2).clamp(min=1), bs)}
+        return docs, window.clamp(min=1), (window // 2).clamp(min=1)
+
+    def flex_masks(self, input_seq, window_blocks):  # [1, T]: one sequence per micro-batch, as in record #8
+        docs, long, short = self.windows(input_seq, window_blocks)
+        bs = self.args.attn_block_size
+        return {"long": flex_block_mask(docs[0], long, bs), "short": flex_block_mask(docs[0], short, bs)}
+
+    def local_masks(self, input_seq, window_blocks):
+        docs, long, short = self.windows(input_seq, window_blocks)
+        bs = self.args.attn_block_size
+        span = min(-(-self.args.max_window // bs), -(-input_seq.size(-1) // bs))  # the largest window, in blocks
+        return {"long": local_attention_mask(docs, long, bs, span),
+                "short": local_attention_mask(docs, short, bs, max(1, span // 2))}
 
     def loss(self, input_seq, target_seq, masks):
         mix, value_lambdas, skip_weights = self.scalar_views()
@@ -502,9 +563,11 @@ class GPT(nn.Module):
         dtype = torch.bfloat16 if x.is_cuda else torch.float32  # record #8: a bf16 head GEMM on the GPU
         logits = F.linear(norm(x).to(dtype), self.lm_head.weight.to(dtype)).float()
         logits = LOGIT_SOFTCAP * logits / torch.sqrt(logits.square() + LOGIT_SOFTCAP**2)
-        return F.cross_entropy(logits, target_seq)
+        return F.cross_entropy(logits.flatten(0, -2), target_seq.flatten())
 
-    def forward(self, input_seq, target_seq, window_blocks):  # compiled on CUDA, masks included
+    def forward(self, input_seq, target_seq, window_blocks):  # compiled, masks included
+        if input_seq.dim() == 1:  # one sequence [T]
+            input_seq, target_seq = input_seq[None], target_seq[None]
         return self.loss(input_seq, target_seq, self.attention_masks(input_seq, window_blocks))
 
 
@@ -521,13 +584,38 @@ def window_tensor(step, args, device):
     return window.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else window
 
 
-def muon_param_groups(model):
-    """The 2D block matrices, one group per shape; MLP matrices decay twice as fast."""
+MATRIX_KINDS = ("q", "k", "v", "o", "mlp_in", "mlp_out")
+
+
+def lr_multipliers(spec):
+    """'q=2,mlp_in=0.5' -> {kind: multiplier} over MATRIX_KINDS (1 for every kind not named)."""
+    mult = dict.fromkeys(MATRIX_KINDS, 1.0)
+    for part in filter(None, spec.replace(" ", "").split(",")):
+        kind, _, value = part.partition("=")
+        try:
+            if kind not in mult:
+                raise ValueError
+            mult[kind] = float(value)
+        except ValueError:
+            raise SystemExit(f"error: bad --muon_lr_mult={spec!r}; write kind=number pairs, kinds "
+                             f"{', '.join(MATRIX_KINDS)}, e.g. q=2,k=2") from None
+    return mult
+
+
+def muon_param_groups(model, lr_mult=""):
+    """The 2D block matrices, one group per shape; MLP matrices decay twice as fast. lr_mul scales a
+    group's step (per slice of the q, k, v, o stack)."""
     attn = [b.attn.qkvo_w for b in model.blocks if b.attn is not None]
+    m = lr_multipliers(lr_mult)
+
+    def mult(*kinds):  # one multiplier per matrix of a stack: [kinds, 1, 1], or a scalar for one kind
+        values = torch.tensor([m[k] for k in kinds], device=attn[0].device)
+        return values.view(-1, 1, 1) if len(kinds) > 1 else values[0]
+
     return [
-        dict(params=attn, wd_mul=1.0),
-        dict(params=[b.mlp.fc_w for b in model.blocks], wd_mul=2.0),
-        dict(params=[b.mlp.proj_w for b in model.blocks], wd_mul=2.0),
+        dict(params=attn, wd_mul=1.0, lr_mul=mult("q", "k", "v", "o")),
+        dict(params=[b.mlp.fc_w for b in model.blocks], wd_mul=2.0, lr_mul=mult("mlp_in")),
+        dict(params=[b.mlp.proj_w for b in model.blocks], wd_mul=2.0, lr_mul=mult("mlp_out")),
     ]
 
 
@@ -584,7 +672,8 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, param_groups, lr, momentum, weight_decay, rank=0, world_size=1):
         self.rank, self.world_size = rank, world_size
-        super().__init__(param_groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, wd_mul=1.0))
+        super().__init__(param_groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, wd_mul=1.0,
+                                            lr_mul=torch.tensor(1.0)))
 
     def owner(self, index):
         return index % self.world_size
@@ -601,7 +690,7 @@ class Muon(torch.optim.Optimizer):
         scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
         master = fp32_master(p, state)
         master.mul_(1 - group["lr"] * group["weight_decay"] * group["wd_mul"])
-        master.add_(update.float(), alpha=-group["lr"] * scale)
+        master.add_(update.float() * group["lr_mul"], alpha=-group["lr"] * scale)
         store_master(p, state, master)
 
     @torch.no_grad()
@@ -831,7 +920,8 @@ def join_process_group(world_size, device):
 
 
 def build_optimizers(model, args, rank, world_size):
-    muon = Muon(muon_param_groups(model), args.muon_lr, args.muon_momentum_start, args.muon_wd, rank, world_size)
+    groups = muon_param_groups(model, args.muon_lr_mult)
+    muon = Muon(groups, args.muon_lr, args.muon_momentum_start, args.muon_wd, rank, world_size)
     embeddings = [model.embed.weight, *(ve.weight for ve in model.value_embeds)]
     adam = torch.optim.Adam(
         [dict(params=[model.lm_head.weight], lr=args.head_lr),
@@ -876,12 +966,20 @@ def evaluate(model_forward, args, step, rank, world_size, device):
     num_seqs = args.val_tokens // args.val_seq_len
     window = window_tensor(step, args, device)
     total = torch.zeros((), device=device)
-    for i in range(rank, num_seqs, world_size):
-        buf = tokens[i * args.val_seq_len : (i + 1) * args.val_seq_len + 1].to(device).long()
-        total += model_forward(buf[:-1], buf[1:], window).float()
+    mine = range(rank, num_seqs, world_size)
+    per_batch = args.micro_batches if fused(args, device) else 1
+    for first in range(0, len(mine), per_batch):
+        rows = torch.stack([tokens[i * args.val_seq_len : (i + 1) * args.val_seq_len + 1]
+                            for i in mine[first : first + per_batch]]).to(device).long()
+        total += model_forward(rows[:, :-1], rows[:, 1:], window).float() * len(rows)
     if world_size > 1:
         dist.all_reduce(total)
     return (total / num_seqs).item()
+
+
+def fused(args, device):
+    """Whether a step's micro-batches run as one batch (CPU only; the GPU runs one sequence at a time)."""
+    return args.fuse_micro_batches and device.type == "cpu"
 
 
 def train_step(model_forward, model, loader, optimizers, args, step, world_size, device):
@@ -890,11 +988,14 @@ def train_step(model_forward, model, loader, optimizers, args, step, world_size,
     muon, adam = optimizers
     window = window_tensor(step, args, device)
     step_loss = torch.zeros((), device=device)
-    for inputs, targets in loader.next_step():
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        loss = model_forward(inputs, targets, window)
-        (loss / args.micro_batches).backward()
-        step_loss += loss.detach()
+    inputs, targets = loader.next_step()
+    batches = [(inputs, targets)] if fused(args, device) else zip(inputs.split(1), targets.split(1), strict=True)
+    for x, y in batches:
+        if device.type == "cuda":  # from pinned memory, so that the copy does not make the host wait
+            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        loss = model_forward(x, y, window)
+        (loss * len(x) / args.micro_batches).backward()  # the mean of the micro-batches' mean losses
+        step_loss += loss.detach() * len(x)
     all_reduce_grads(model, world_size)
     mult = lr_multiplier(step, args)
     for opt in (muon, adam):
@@ -940,7 +1041,8 @@ def main(argv=None):
     # the model and optimizers are built: an error stops all processes alike and leaves no file behind.
     if not args.overwrite:
         refuse_existing_run(log_path, run_dir)
-    loader = TrainLoader(args.train_files, args.train_seq_len, args.micro_batches, rank, world_size, args.vocab_size)
+    loader = TrainLoader(args.train_files, args.train_seq_len, args.micro_batches, rank, world_size, args.vocab_size,
+                         args.seed if args.shuffle_train else None)
     validation_tokens(args, world_size)
     join_process_group(world_size, device)
 
@@ -954,9 +1056,10 @@ def main(argv=None):
             dist.broadcast(p.data, 0)
     muon, adam = build_optimizers(model, args, rank, world_size)
     model_forward = model
-    if args.compile and device.type == "cuda":
+    if args.compile:
         model_forward = torch.compile(model, dynamic=False)
-        orthogonalize = torch.compile(orthogonalize)  # record #8 compiles its Newton-Schulz iteration
+    if args.compile and device.type == "cuda":
+        orthogonalize = torch.compile(orthogonalize, dynamic=False)  # record #8's: one graph per matrix shape
     save_at = checkpoint_steps(args.checkpoint_every, args.num_iterations)
     start_run(log_path, run_dir, args.overwrite, bool(save_at), rank, world_size)
     log = Logger(log_path, rank == 0)

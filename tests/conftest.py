@@ -18,6 +18,7 @@ def load_script(path):
     name = "speedrun_" + Path(path).stem
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # torch.compile (and eager FlexAttention) look a traced module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -34,6 +35,15 @@ def tiny_data():
 
     train, val = build()
     return {"train_files": str(train), "val_files": str(val)}
+
+
+@pytest.fixture(scope="session")
+def bench_data():
+    """The bench preset's byte shards as settings (built once, cached under data/tiny)."""
+    from kit.data.prepare_tiny_data import build_bytes
+
+    train, val = build_bytes()
+    return [f"--train_files={train}", f"--val_files={val}"]
 
 
 # Small enough for tests: 4 steps of the CPU preset on 2 micro-batches take seconds.

@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 
 def cpu_args(baseline, *extra):
@@ -77,11 +78,12 @@ def test_loader_splits_the_same_global_batch_over_processes(baseline, tmp_path):
     single = baseline.TrainLoader(pattern, 16, 4, rank=0, world_size=1)
     ranks = [baseline.TrainLoader(pattern, 16, 4, rank=r, world_size=2) for r in range(2)]
     for _ in range(3):
-        whole = single.next_step()
-        split = ranks[0].next_step() + ranks[1].next_step()
-        assert len(whole) == 4 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-                                       for a, b in zip(whole, split, strict=True))
-        assert torch.equal(whole[0][1][:-1], whole[0][0][1:])  # targets are the inputs shifted by one
+        inputs, targets = single.next_step()
+        split = [r.next_step() for r in ranks]
+        assert inputs.shape == (4, 16)
+        assert torch.equal(inputs, torch.cat([s[0] for s in split]))
+        assert torch.equal(targets, torch.cat([s[1] for s in split]))
+        assert torch.equal(targets[:, :-1], inputs[:, 1:])  # targets are the inputs shifted by one
 
 
 # ---------------------------------------------------------------- attention
@@ -99,12 +101,17 @@ def test_cpu_attention_equals_flex_attention(baseline, window):
     T, H, D, block = 192, 2, 16, 16
     docs = baseline.document_ids(random_documents(T, window))
     g = torch.Generator().manual_seed(100 + window)
-    q, k, v = (torch.randn(T, H, D, generator=g) for _ in range(3))
-    dense = baseline.attend(q, k, v, baseline.dense_attention_mask(docs, window, block))
+    q, k, v = (torch.randn(1, T, H, D, generator=g) for _ in range(3))
+    mask = baseline.dense_attention_mask(docs, window, block)
+    dense = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask,
+                                           scale=baseline.ATTN_SCALE).transpose(1, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         flex = baseline.attend(q, k, v, baseline.flex_block_mask(docs, window, block))
+    span = min(window, T // block)
+    local = baseline.attend(q, k, v, baseline.local_attention_mask(docs[None], window, block, span))
     torch.testing.assert_close(dense, flex, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense, local, atol=1e-5, rtol=1e-5)
 
 
 def test_dense_mask_is_document_causal_with_a_block_window(baseline):
@@ -176,7 +183,7 @@ def test_value_embeddings_reach_layers_0_2_and_13_15_in_unet_order(baseline, mod
     with torch.no_grad():
         tables = [ve(tokens[:-1]) for ve in model.value_embeds]
     for layer, table in [(0, 0), (1, 1), (2, 2), (13, 0), (14, 1), (15, 2)]:
-        assert torch.equal(seen[layer], tables[table])
+        assert torch.equal(seen[layer], tables[table][None])  # the model runs [B, T]: one sequence here
 
 
 def test_unet_skips_and_x0_mixing_carry_gradient(baseline, model):

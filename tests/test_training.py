@@ -11,8 +11,10 @@ from kit.runs.logs import parse_log
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_data):
-    """The same 4 steps on 2 micro-batches: one process accumulating, and two processes under torchrun."""
-    common = ["--micro_batches=2", "--num_iterations=4", "--val_loss_every=2", "--checkpoint_every=4"]
+    """The same 4 steps on 2 micro-batches: one process accumulating, and two processes under torchrun.
+    One micro-batch at a time (the batched CPU step sums in another order: tests/test_cpu_fast_path.py)."""
+    common = ["--micro_batches=2", "--num_iterations=4", "--val_loss_every=2", "--checkpoint_every=4",
+              "--fuse_micro_batches=0"]
     out = {}
     for nproc in (1, 2):
         tmp = tmp_path_factory.mktemp(f"nproc{nproc}")

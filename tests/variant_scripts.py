@@ -21,6 +21,7 @@ def load_script(variant: str):
     path = script_path(variant)
     spec = importlib.util.spec_from_file_location(f"speedrun_{variant}_{len(sys.modules)}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # torch.compile (and eager FlexAttention) look a traced module up by name
     spec.loader.exec_module(module)
     return module
 
