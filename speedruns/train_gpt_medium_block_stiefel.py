@@ -65,6 +65,7 @@ class Hyperparameters:
     muon_momentum: float = 0.95
     muon_momentum_warmup_steps: int = 300
     muon_wd: float = 0.01  # decoupled, times 2 on the MLP matrices (not on the q, k, v head blocks)
+    muon_lr_mult: str = ""  # e.g. "q=2,mlp_in=0.5": Muon's step (not its decay) scaled for these matrices
     # Adam, for the head, the embeddings and the scalars
     head_lr: float = 1 / 320
     embed_lr: float = 0.3
@@ -970,7 +971,8 @@ def join_process_group(world_size, device):
 
 
 def build_optimizers(model, args, rank, world_size):
-    muon = Muon(muon_param_groups(model), args.muon_lr, args.muon_momentum_start, args.muon_wd, rank, world_size)
+    groups = muon_param_groups(model, args.muon_lr_mult)
+    muon = Muon(groups, args.muon_lr, args.muon_momentum_start, args.muon_wd, rank, world_size)
     for group in muon.param_groups:
         group["heads"] = args.num_heads
         for p in group["params"]:  # q, k, v start on the manifold (the same SVD on every process)

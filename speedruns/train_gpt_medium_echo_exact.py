@@ -65,6 +65,7 @@ class Hyperparameters:
     muon_momentum: float = 0.95
     muon_momentum_warmup_steps: int = 300
     muon_wd: float = 0.01  # decoupled, times 2 on the MLP matrices
+    muon_lr_mult: str = ""  # e.g. "q=2,mlp_in=0.5": Muon's step (not its decay) scaled for these matrices
     echo_kappa: float = 0.77  # echo shrinkage tau^2 = kappa x the momentum's noise edge; 0 = plain Muon
     echo_ema: float = 0.9  # EMA over steps of the noise variance sigma^2
     echo_keep_norm: bool = False  # rescale the shrunk update to msign's Frobenius norm
@@ -921,7 +922,8 @@ class Muon(torch.optim.Optimizer):
         self.replica_stats = None  # a ReplicaStats, set by build_optimizers (and finished before each step)
         self.echo_kappa, self.echo_ema, self.echo_keep_norm = 0.0, 0.9, False  # set by build_optimizers
         self.replica_grads = None  # a ReplicaGradients with echo_exact, set by build_optimizers
-        super().__init__(param_groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, wd_mul=1.0))
+        super().__init__(param_groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, wd_mul=1.0,
+                                            lr_mul=torch.tensor(1.0)))
 
     def owner(self, index):
         return index % self.world_size
@@ -1222,7 +1224,8 @@ def join_process_group(world_size, device):
 
 
 def build_optimizers(model, args, rank, world_size):
-    muon = Muon(muon_param_groups(model), args.muon_lr, args.muon_momentum_start, args.muon_wd, rank, world_size)
+    groups = muon_param_groups(model, args.muon_lr_mult)
+    muon = Muon(groups, args.muon_lr, args.muon_momentum_start, args.muon_wd, rank, world_size)
     muon.replica_stats = ReplicaStats([p for group in muon.param_groups for p in group["params"]], args.micro_batches)
     muon.register_step_pre_hook(lambda opt, *_: opt.replica_stats.finish_step(world_size))
     if args.fuse_micro_batches:

@@ -65,6 +65,7 @@ class Hyperparameters:
     muon_momentum: float = 0.95
     muon_momentum_warmup_steps: int = 300
     muon_wd: float = 0.01  # decoupled, times 2 on the MLP matrices (only on rows without a sphere)
+    muon_lr_mult: str = ""  # e.g. "q=2,mlp_in=0.5": Muon's step (not its decay) scaled for these matrices
     # hypersphere: each row of every Muon matrix keeps its initial norm
     sphere_step: str = "geodesic"  # geodesic: along the great circle; project: Muon step, then renormalize
     sphere_angle: str = "norm"  # geodesic angle: lr * |tangent row| / radius ("norm") or lr radians ("lr")
@@ -971,7 +972,8 @@ def join_process_group(world_size, device):
 
 
 def build_optimizers(model, args, rank, world_size):
-    muon = Muon(muon_param_groups(model), args.muon_lr, args.muon_momentum_start, args.muon_wd, rank, world_size)
+    groups = muon_param_groups(model, args.muon_lr_mult)
+    muon = Muon(groups, args.muon_lr, args.muon_momentum_start, args.muon_wd, rank, world_size)
     if args.sphere_step not in ("geodesic", "project") or args.sphere_angle not in ("norm", "lr") \
             or args.sphere_every < 0 or args.sphere_zero_rows not in ("enter", "free"):
         raise SystemExit("error: bad sphere setting; use --sphere_step=geodesic|project, --sphere_angle=norm|lr, "

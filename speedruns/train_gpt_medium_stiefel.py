@@ -65,6 +65,7 @@ class Hyperparameters:
     muon_momentum: float = 0.95
     muon_momentum_warmup_steps: int = 300
     muon_wd: float = 0.01  # decoupled, times 2 on the MLP matrices (only those that start at zero)
+    muon_lr_mult: str = ""  # e.g. "q=2,mlp_in=0.5": Muon's step (not its decay) scaled for these matrices
     # manifold Muon: every Muon matrix keeps all its singular values equal to a fixed scale
     stiefel_dual_iters: int = 20  # most dual-ascent iterations (one msign each) per matrix and step
     stiefel_dual_tol: float = 1e-3  # stop when the RMS entry of X^T O + O^T X is below this
@@ -1023,7 +1024,8 @@ def join_process_group(world_size, device):
 
 
 def build_optimizers(model, args, rank, world_size):
-    muon = Muon(muon_param_groups(model), args.muon_lr, args.muon_momentum_start, args.muon_wd, rank, world_size)
+    groups = muon_param_groups(model, args.muon_lr_mult)
+    muon = Muon(groups, args.muon_lr, args.muon_momentum_start, args.muon_wd, rank, world_size)
     if args.stiefel_dual_iters < 1 or args.stiefel_dual_tol < 0 or args.stiefel_dual_step <= 0:
         raise SystemExit("error: bad stiefel setting; use --stiefel_dual_iters >= 1, --stiefel_dual_tol >= 0 "
                          "and --stiefel_dual_step > 0")

@@ -65,6 +65,7 @@ class Hyperparameters:
     muon_momentum: float = 0.95
     muon_momentum_warmup_steps: int = 300
     muon_wd: float = 0.01  # decoupled, times 2 on the MLP matrices (off on the symplectic ones)
+    muon_lr_mult: str = ""  # e.g. "q=2,mlp_in=0.5": Muon's step (not its decay) scaled for these matrices
     symplectic_polish: int = 1  # corrections X <- X (I + J (X^T J X - J) / 2) after each Cayley step
     # Adam, for the head, the embeddings and the scalars
     head_lr: float = 1 / 320
@@ -991,7 +992,8 @@ def join_process_group(world_size, device):
 
 
 def build_optimizers(model, args, rank, world_size):
-    muon = Muon(muon_param_groups(model), args.muon_lr, args.muon_momentum_start, args.muon_wd, rank, world_size)
+    groups = muon_param_groups(model, args.muon_lr_mult)
+    muon = Muon(groups, args.muon_lr, args.muon_momentum_start, args.muon_wd, rank, world_size)
     if args.symplectic_polish < 0:
         raise SystemExit("error: --symplectic_polish must be >= 0 (corrections after each Cayley step)")
     for group in muon.param_groups:

@@ -84,3 +84,48 @@ def test_lr_multiplier_scales_the_step_of_one_kind_and_not_the_decay(baseline):
 def test_bad_lr_multiplier_is_refused(baseline, spec):
     with pytest.raises(SystemExit, match="muon_lr_mult"):
         baseline.lr_multipliers(spec)
+
+
+def kind_slices(model):
+    """{kind: [matrices of the model of that kind]} (views into the parameters)."""
+    attn = [b.attn.qkvo_w for b in model.blocks if b.attn is not None]
+    kinds = {k: [w[i] for w in attn] for i, k in enumerate(("q", "k", "v", "o"))}
+    kinds["mlp_in"] = [b.mlp.fc_w for b in model.blocks]
+    kinds["mlp_out"] = [b.mlp.proj_w for b in model.blocks]
+    return kinds
+
+
+def one_step_displacement(module, mult):
+    args = module.parse_args(["--preset=bench", f"--muon_lr_mult={mult}", "--muon_wd=0"])
+    torch.manual_seed(0)
+    model = module.GPT(args)
+    muon, _ = module.build_optimizers(model, args, 0, 1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):  # the second step is measured: in the first, zero-initialized matrices may jump
+        before = {k: [w.detach().clone() for w in ws] for k, ws in kind_slices(model).items()}  # onto manifolds
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        muon.step()
+    return {k: sum((w.detach() - b).norm().item() for w, b in zip(ws, before[k], strict=True))
+            for k, ws in kind_slices(model).items()}
+
+
+def test_every_variant_with_groups_honours_the_lr_multiplier():
+    """The bench tunes a variant's `groups` through --muon_lr_mult: doubling their multiplier must move
+    those matrices further and leave the others' step as it was."""
+    import tomllib
+
+    from variant_scripts import ROOT, load_script
+
+    manifest = tomllib.loads((ROOT / "patches" / "variants.toml").read_text())
+    grouped = {v: t["groups"] for v, t in manifest.items() if "groups" in t}
+    assert grouped, "no variant declares groups"
+    for variant, groups in grouped.items():
+        module = load_script(variant)
+        plain = one_step_displacement(module, "")
+        doubled = one_step_displacement(module, ",".join(f"{k}=2" for k in groups))
+        for kind in plain:
+            if kind in groups:
+                assert doubled[kind] > 1.3 * plain[kind], (variant, kind, plain[kind], doubled[kind])
+            else:
+                assert doubled[kind] == pytest.approx(plain[kind], rel=1e-5), (variant, kind)
