@@ -124,7 +124,10 @@ def test_every_variant_trains_the_same_model_batched_and_looped(bench_data, vari
     # Their constraint steps mix the weights' dtype with fp32 products, so they run in fp32 (losses only).
     dtype = torch.float32 if variant in FP32_ONLY else torch.float64
     # svd's exact msign turns rounding in the embeddings' rarely seen rows into 2e-3 differences: losses only.
-    assert_same_training(load_script(variant), bench_data, steps=4, rtol=1e-4, dtype=dtype, weights=variant != "svd")
+    # ngpt_polar_normuon_cwd: cautious decay's sign mask flips where an update entry rounds across zero, and on
+    # unit-norm rows one flip moves a weight by lr x wd x 2 x 0.125 = 2.9e-3 (the losses agree to 1e-7).
+    weights = variant not in ("svd", "ngpt_polar_normuon_cwd")
+    assert_same_training(load_script(variant), bench_data, steps=4, rtol=1e-4, dtype=dtype, weights=weights)
 
 
 @pytest.mark.parametrize("variant", sorted(LOOP_ONLY))

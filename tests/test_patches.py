@@ -262,6 +262,22 @@ def test_recording_a_variant_keeps_the_rest_of_the_manifest(repo):
     assert path.read_text() == before + '\n[pn]\npatches = ["polar", "normuon"]\n'
 
 
+def test_manifest_tables_may_carry_the_benchs_keys(repo):
+    """lr, groups and settings (a table of strings and numbers) are the bench's: the patching tools read
+    `patches` only and keep the rest as written."""
+    path = repo / "patches" / "variants.toml"
+    table = '[polar]\npatches = ["polar"]\n'
+    extra = ('lr = "muon_lr"\ngroups = ["q", "k"]\n'
+             'settings = {sphere_step = "geodesic", sphere_every = 3, muon_wd = 0.5}\n')
+    path.write_text(path.read_text().replace(table, table + extra))
+    assert ap.read_manifest(repo)["polar"] == ["polar"]
+    check = run_tool("apply_patch", "--check", root=repo)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert run_tool("make_patch", "polar", root=repo).returncode == 0
+    assert run_tool("apply_patch", "polar", "normuon", "--as", "pn", root=repo).returncode == 0
+    assert table + extra in path.read_text()
+
+
 def diff_lines(patch_text):
     """The changed lines of a patch, without line numbers or context: what the patch does."""
     return [line for line in ap.split_patch(patch_text)[1].splitlines()
