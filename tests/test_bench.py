@@ -588,3 +588,13 @@ def test_stand_in_matches_the_real_scripts_interface():
     real = bench.script_settings(bench.variants.script_path("baseline", ROOT))
     for name in ("num_iterations", "muon_lr", "muon_wd", "train_files", "val_files", "seed", "checkpoint_every"):
         assert hasattr(real, name), name
+
+
+def test_a_variants_fixed_settings_go_to_each_of_its_runs(tmp_path):
+    variant = bench.make_variant("ngpt_geodesic", ROOT, [0])
+    assert "--sphere_step=geodesic" in variant.extra and "--sphere_angle=lr" in variant.extra
+    assert not any(a.startswith("--sphere_step") for a in bench.make_variant("ngpt", ROOT, [0]).extra)
+    (tmp_path / "patches").mkdir()
+    (tmp_path / "patches" / "variants.toml").write_text('[x]\nsettings = ["a"]\n')
+    with pytest.raises(SystemExit, match="settings must be a table"):
+        bench.manifest(tmp_path)

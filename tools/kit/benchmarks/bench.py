@@ -441,8 +441,9 @@ class BenchRun:
 
 
 def manifest(root: Path) -> dict[str, dict]:
-    """{variant: {"lr": field, "groups": [...]}} from the optional `lr = "<field>"` and `groups = [...]` keys
-    of patches/variants.toml (checked: a one-line SystemExit names what is wrong)."""
+    """{variant: {"lr": field, "groups": [...], "settings": ["--k=v", ...]}} from the optional `lr = "<field>"`,
+    `groups = [...]` and `settings = {k = v}` keys of patches/variants.toml (checked: a one-line SystemExit
+    names what is wrong)."""
     path = root / "patches" / "variants.toml"
     if not path.exists():
         return {}
@@ -469,6 +470,12 @@ def manifest(root: Path) -> dict[str, dict]:
                 raise SystemExit(f"tools/bench: {path}: [{name}] groups tune Muon's rate: they need lr = "
                                  f"\"{DEFAULT_LR_FIELD}\" (or no lr key)")
             entry["groups"] = list(groups)
+        if "settings" in table:  # fixed settings of this variant alone, passed to each of its runs
+            fixed = table["settings"]
+            if not isinstance(fixed, dict) or not all(isinstance(v, str | int | float) for v in fixed.values()):
+                raise SystemExit(f"tools/bench: {path}: [{name}] settings must be a table of values, e.g. "
+                                 f"settings = {{sphere_step = \"geodesic\"}}")
+            entry["settings"] = [f"--{k}={int(v) if isinstance(v, bool) else v}" for k, v in fixed.items()]
         if entry:
             out[name] = entry
     return out
@@ -577,14 +584,15 @@ def make_variant(name: str, root: Path, seeds: list[int], extra: Sequence[str] =
         raise SystemExit(f"tools/bench: {own[0]} is set by the bench for every run of {name} (budgets: --steps, "
                          "--budgets; seeds: --seeds; the learning rate is tuned, its decay held at the preset's "
                          "integral); leave it out")
-    settings = script_settings(script, extra)
+    fixed = entry.get("settings", [])
+    settings = script_settings(script, [*fixed, *extra])
     if not hasattr(settings, lr_field):
         raise SystemExit(f"tools/bench: {script.name} has no setting {lr_field!r} (the lr declared for "
                          f"[{base_name}] in patches/variants.toml)")
     if groups and not hasattr(settings, GROUP_SETTING):
         raise SystemExit(f"tools/bench: {script.name} has no setting {GROUP_SETTING!r}, which the groups of "
                          f"[{base_name}] in patches/variants.toml need; regenerate it with tools/apply_patch --all")
-    scale = [f"--{k}={v}" for k, v in SCALE_SETTINGS.items() if hasattr(settings, k)]
+    scale = [f"--{k}={v}" for k, v in SCALE_SETTINGS.items() if hasattr(settings, k)] + fixed
     return Variant(name, script, lr_field, float(getattr(settings, lr_field)), list(seeds), list(grid_seeds),
                    list(groups), decay, scale, cache_key(script, data_sha256(settings, root)))
 
