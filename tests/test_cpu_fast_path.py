@@ -5,7 +5,7 @@ the dense masked attention, checked here; the speed is measured by tools/bench_s
 import pytest
 import torch
 import torch.nn.functional as F
-from variant_scripts import committed_variants, load_script
+from variant_scripts import distinct_variants, load_script
 
 # ---------------------------------------------------------------- attention over local key blocks
 
@@ -117,7 +117,7 @@ FP32_ONLY = {"stiefel", "block_stiefel", "l1_stiefel", "symplectic"}
 LOOP_ONLY = {"echo", "echo_exact"}  # their hooks read each micro-batch's own gradient
 
 
-@pytest.mark.parametrize("variant", [v for v in committed_variants() if v not in LOOP_ONLY])
+@pytest.mark.parametrize("variant", [v for v in distinct_variants() if v not in LOOP_ONLY])
 def test_every_variant_trains_the_same_model_batched_and_looped(bench_data, variant):
     # 1e-4: an exact msign (svd) or a constraint step amplifies fp32 rounding in the directions of tiny
     # singular values (svd: 1.5e-5 at step 3); a wrong batching shows at 1e-2 and more

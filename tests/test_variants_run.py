@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from variant_scripts import ROOT, committed_variants, load_script, script_path
+from variant_scripts import ROOT, distinct_variants, load_script, script_path
 
 sys.path.insert(0, str(ROOT / "tools"))
 from core.shards import write_shard  # noqa: E402
@@ -42,7 +42,7 @@ def one_thread():
 
 
 # 4 micro-batches of 64 tokens: the echo variants estimate noise from 3 or more micro-batches of a step
-@pytest.mark.parametrize("variant", committed_variants())
+@pytest.mark.parametrize("variant", distinct_variants())
 def test_variant_trains_on_cpu(variant, synthetic_shards, tmp_path, one_thread):
     script = load_script(variant)
     data = synthetic_shards

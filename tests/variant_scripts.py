@@ -30,6 +30,15 @@ def committed_variants() -> list[str]:
     return list(variants.load_manifest(ROOT))
 
 
+def distinct_variants() -> list[str]:
+    """One variant per distinct stack of patches (entries that differ only in the settings the bench passes
+    them, such as the nGPT experiments, run the same code)."""
+    first = {}
+    for variant, patches in variants.load_manifest(ROOT).items():
+        first.setdefault(tuple(patches), variant)
+    return list(first.values())
+
+
 def planted(singular_values: torch.Tensor, m: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A matrix U diag(s) V^T with random orthonormal U [m, k], V [n, k] (k = len(s)) -> (G, U V^T), fp64."""
     g = torch.Generator().manual_seed(seed)
