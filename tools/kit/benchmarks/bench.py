@@ -43,7 +43,8 @@ script as a variant of its own, tuned and fitted on its own grid seeds (2000, ..
 control is printed at the end and the command exits with status 1.
 
 Default variants: baseline, adamw, polar_normuon_cwd and every echo* variant whose script exists and whose
-table declares lr, but echo_exact (~2.7x the baseline's step at the bench preset: name it in --variants).
+table declares lr, but echo_exact (~2.7x the baseline's step at the bench preset) and the diagnostic echo_oracle:
+name those in --variants.
 Settings of a variant that do not scale down by themselves get bench values when its script has them
 (SCALE_SETTINGS; adamw's warm-up is a share of the run and needs none). Extra `--field=value` options go
 to every run. Runs are cached by a run id that hashes the command, the script's code, the sha256 of the
@@ -548,8 +549,9 @@ def cache_key(script: Path, data_sha: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
-# Too slow for the default run's hour (echo_exact: ~2.7x the baseline's step at the bench preset): ask by name.
-NOT_BY_DEFAULT = {"echo_exact"}
+# Ask for these by name: echo_exact is slow (~2.7x the baseline's step at the bench preset), echo_oracle is a
+# diagnostic (its shrinkage reads a large held-out batch every step).
+NOT_BY_DEFAULT = {"echo_exact", "echo_oracle"}
 
 
 def default_variants(root: Path) -> list[str]:
