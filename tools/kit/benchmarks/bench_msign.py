@@ -22,6 +22,7 @@ import torch
 
 from core.cli import make_parser
 from kit.patching import patchset as ap
+from kit.patching import variants
 
 POLAR_STEADY = (1.875, -1.25, 0.375)  # Polar Express's converged tuple, used past its five designed steps
 CLASSIC = (1.5, -0.5)
@@ -29,7 +30,7 @@ CLASSIC = (1.5, -0.5)
 
 def load_script(root: Path, variant: str):
     """Import speedruns/train_gpt_medium[_<variant>].py by path (its main() is not run)."""
-    path = ap.variant_path(root, variant)
+    path = variants.script_path(variant, root)
     if not path.is_file():
         raise SystemExit(f"error: {path} is missing; generate it with `tools/apply_patch --all`")
     spec = importlib.util.spec_from_file_location(f"bench_{variant}", path)
