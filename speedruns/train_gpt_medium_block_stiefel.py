@@ -66,6 +66,7 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = 300
     muon_wd: float = 0.01  # decoupled, times 2 on the MLP matrices (not on the q, k, v head blocks)
     muon_lr_mult: str = ""  # e.g. "q=2,mlp_in=0.5": Muon's step (not its decay) scaled for these matrices
+    manifold_qkv: int = 1  # 0: q, k, v take the baseline's Muon step (the loss cannot see a head's q, k, v scale)
     # Adam, for the head, the embeddings and the scalars
     head_lr: float = 1 / 320
     embed_lr: float = 0.3
@@ -651,15 +652,9 @@ RETRACTION_STEPS = 3  # classic Newton-Schulz steps: enough for lr / HEAD_BLOCK_
 
 
 def head_blocks(W, heads):
-    """The attention stack [4, d, d] as wide per-head blocks [4, heads, d/heads, d]: each head's rows of
-    q, k and v (its outputs), and each head's rows of o^T (the columns of o that read the head)."""
-    return torch.cat([W[:3], W[3:].mT]).unflatten(-2, (heads, -1))
-
-
-def from_head_blocks(B):
-    """Inverse of head_blocks: [4, heads, d/heads, d] -> [4, d, d]."""
-    W = B.flatten(-3, -2)
-    return torch.cat([W[:3], W[3:].mT])
+    """Matrices [..., d, d] of q, k or v as wide per-head blocks [..., heads, d/heads, d]: each head's rows
+    (its outputs). Undone by .flatten(-3, -2)."""
+    return W.unflatten(-2, (heads, -1))
 
 
 def wide_stiefel_tangent(X, A):
@@ -676,21 +671,20 @@ def wide_stiefel_retract(Y, steps=RETRACTION_STEPS):
 
 
 def head_block_project(W, heads):
-    """q, k and v with every head block replaced by HEAD_BLOCK_SCALE U V^T (its SVD); o (zero) unchanged."""
-    B = head_blocks(W.float(), heads)
-    U, _, Vh = torch.linalg.svd(B[:3], full_matrices=False)
-    return from_head_blocks(torch.cat([HEAD_BLOCK_SCALE * U @ Vh, B[3:]])).type_as(W)
+    """The attention stack W [4, d, d] with every head block of q, k and v replaced by HEAD_BLOCK_SCALE U V^T
+    (its SVD); o (zero) unchanged."""
+    U, _, Vh = torch.linalg.svd(head_blocks(W[:3].float(), heads), full_matrices=False)
+    return torch.cat([(HEAD_BLOCK_SCALE * U @ Vh).flatten(-3, -2), W[3:].float()]).type_as(W)
 
 
-def head_block_step_(W, G, lr, decay, heads):
-    """One step of the attention stack W [4, d, d] (fp32, in place) along the Nesterov momentum G, every
-    head block orthogonalized on its own. The q, k, v blocks stay on the Stiefel manifold scaled by
-    HEAD_BLOCK_SCALE (tangent projection, step of spectral norm lr, retraction by msign); o starts at zero
-    and has no polar factor, so its blocks take the baseline's step with the per-block msign."""
-    B, O = head_blocks(W, heads), orthogonalize(head_blocks(G, heads)).float()
-    X = B[:3] / HEAD_BLOCK_SCALE
-    qkv = HEAD_BLOCK_SCALE * wide_stiefel_retract(X - lr / HEAD_BLOCK_SCALE * wide_stiefel_tangent(X, O[:3]))
-    W.copy_(from_head_blocks(torch.cat([qkv, decay * B[3:] - lr * O[3:]])))
+def head_block_step_(W, U, lr, heads):
+    """One step of q, k, v W [3, d, d] (fp32, in place) along their Muon update U (the baseline's: one msign
+    per whole matrix), every head block kept on the Stiefel manifold scaled by HEAD_BLOCK_SCALE: each block of
+    U projected onto its tangent space, the block moved by lr times that, then retracted by msign: the
+    baseline's step less its normal part."""
+    X = head_blocks(W, heads) / HEAD_BLOCK_SCALE
+    T = wide_stiefel_tangent(X, head_blocks(U, heads))
+    W.copy_((HEAD_BLOCK_SCALE * wide_stiefel_retract(X - lr / HEAD_BLOCK_SCALE * T)).flatten(-3, -2))
 
 
 def fp32_master(p, state):
@@ -733,15 +727,15 @@ class Muon(torch.optim.Optimizer):
         buf, m = state["momentum_buffer"], group["momentum"]
         grad = p.grad.float()
         buf.lerp_(grad, 1 - m)
+        update = orthogonalize(grad.lerp_(buf, m))  # Nesterov: m * buf + (1 - m) * grad
+        scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
         master = fp32_master(p, state)
-        decay = 1 - group["lr"] * group["weight_decay"] * group["wd_mul"]
-        if p.ndim == 3:  # the attention stack q, k, v, o
-            head_block_step_(master, grad.lerp_(buf, m), group["lr"], decay, group["heads"])
-        else:
-            update = orthogonalize(grad.lerp_(buf, m))  # Nesterov: m * buf + (1 - m) * grad
-            scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-            master.mul_(decay)
-            master.add_(update.float(), alpha=-group["lr"] * scale)
+        free, step = master, update.float() * group["lr_mul"]  # the matrices that take the baseline's step
+        if p.ndim == 3 and group.get("manifold_qkv", 1):  # q, k, v of the attention stack: their head blocks
+            head_block_step_(master[:3], step[:3], group["lr"], group["heads"])
+            free, step = master[3:], step[3:]  # o
+        free.mul_(1 - group["lr"] * group["weight_decay"] * group["wd_mul"])
+        free.add_(step, alpha=-group["lr"] * scale)
         store_master(p, state, master)
 
     @torch.no_grad()
@@ -973,10 +967,12 @@ def join_process_group(world_size, device):
 def build_optimizers(model, args, rank, world_size):
     groups = muon_param_groups(model, args.muon_lr_mult)
     muon = Muon(groups, args.muon_lr, args.muon_momentum_start, args.muon_wd, rank, world_size)
+    if args.manifold_qkv not in (0, 1):
+        raise SystemExit(f"error: --manifold_qkv={args.manifold_qkv} must be 0 (q, k, v free) or 1")
     for group in muon.param_groups:
-        group["heads"] = args.num_heads
+        group.update(heads=args.num_heads, manifold_qkv=args.manifold_qkv)
         for p in group["params"]:  # q, k, v start on the manifold (the same SVD on every process)
-            if p.ndim == 3:
+            if p.ndim == 3 and args.manifold_qkv:
                 p.data.copy_(head_block_project(p.data, args.num_heads))
     embeddings = [model.embed.weight, *(ve.weight for ve in model.value_embeds)]
     adam = torch.optim.Adam(

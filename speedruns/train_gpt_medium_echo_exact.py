@@ -885,6 +885,13 @@ def replica_echo(replicas):
     return U, s, V, echo_pivots(z).quantile(0.5, dim=1)
 
 
+def mean_echo(zeta, replicas):
+    """Echo of the mean of R replicas, from the echo zeta of one replica (replica_echo's). The mean's noise
+    variance is R times smaller, so is its noise-to-signal ratio 1 / zeta - 1 (tau^2 / s^2 in the echo law):
+    zeta_M = 1 / (1 + (1 / zeta - 1) / R) = R zeta / (1 + (R - 1) zeta). [k] -> [k]; 0 and 1 are kept."""
+    return replicas * zeta / (1 + (replicas - 1) * zeta)
+
+
 ECHO_KINDS = (("q", "k", "v", "o"), ("mlp_in",), ("mlp_out",))  # per Muon group, per matrix of a stack
 
 
@@ -928,8 +935,9 @@ class Muon(torch.optim.Optimizer):
     def owner(self, index):
         return index % self.world_size
 
-    def exact_echo(self, p, state, b):
-        """U diag(zeta) V^T of the mean of R momentum streams, one per micro-batch slot, zeta their echo."""
+    def exact_echo(self, p, state, b, nesterov):
+        """U diag(zeta) V^T of the mean of R momentum streams (one per micro-batch slot), zeta the echo of
+        that mean; with echo_keep_norm rescaled per matrix to the norm of the Newton-Schulz step of nesterov."""
         replicas = self.replica_grads.slots[p]  # [R, ..., m, n]
         if "replica_momentum" not in state:
             state["replica_momentum"] = torch.zeros_like(replicas)
@@ -942,11 +950,15 @@ class Muon(torch.optim.Optimizer):
         sigma2 = self.replica_stats.noise_variance(p).reshape(-1)
         for j, x in enumerate(streams):
             U, s, V, zeta = replica_echo(x)
+            zeta = mean_echo(zeta, len(x))
             update[j] = (U * zeta) @ V.mT
             zeta_mean[j] = zeta.mean()
             tau2 = self.echo_kappa * momentum_noise_factor(b) * sigma2[j] * (m**0.5 + n**0.5) ** 2
             ratio[j] = tau2 / s[0].square().clamp_min(torch.finfo(s.dtype).tiny)
         state["echo_zeta"], state["echo_tau2_ratio"] = zeta_mean.view(p.shape[:-2]), ratio.view(p.shape[:-2])
+        if self.echo_keep_norm:
+            target, norm2 = squared_norms(orthogonalize(nesterov)).reshape(-1), squared_norms(update)
+            update = update * torch.where(norm2 > 0, target / norm2, 0.0).sqrt()[:, None, None]
         return update.view(p.shape)
 
     def echo(self, params, nesterovs, updates, b):
@@ -985,7 +997,7 @@ class Muon(torch.optim.Optimizer):
             buf.lerp_(grad, 1 - m)
             nesterovs.append(grad.lerp_(buf, m))  # m * buf + (1 - m) * grad
             if self.replica_grads is not None:
-                updates.append(self.exact_echo(p, state, m))
+                updates.append(self.exact_echo(p, state, m, nesterovs[-1]))
             else:
                 updates.append(orthogonalize(nesterovs[-1]))
         if self.echo_kappa > 0 and params and self.replica_grads is None:

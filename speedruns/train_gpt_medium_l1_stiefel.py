@@ -64,9 +64,10 @@ class Hyperparameters:
     muon_momentum_start: float = 0.85
     muon_momentum: float = 0.95
     muon_momentum_warmup_steps: int = 300
-    muon_wd: float = 0.01  # decoupled, times 2 on the MLP matrices (only those that start at zero)
+    muon_wd: float = 0.01  # decoupled, times 2 on the MLP matrices (only on the matrices off the manifold)
     muon_lr_mult: str = ""  # e.g. "q=2,mlp_in=0.5": Muon's step (not its decay) scaled for these matrices
-    # manifold Muon: every Muon matrix keeps all its singular values equal to a fixed scale
+    # manifold Muon: every Muon matrix keeps all its singular values equal to its initial RMS singular value
+    manifold_qkv: int = 1  # 0: q, k, v take the baseline's Muon step (the loss cannot see a head's q, k, v scale)
     stiefel_dual_iters: int = 20  # most dual-ascent iterations (one msign each) per matrix and step
     stiefel_dual_tol: float = 1e-3  # stop when the RMS entry of X^T O + O^T X is below this
     stiefel_dual_step: float = 0.1  # first dual-ascent step (then decaying linearly), G at RMS singular value 1
@@ -671,16 +672,17 @@ def msign_fp32(G, polish=3):
     return X.mT if tall else X
 
 
-def stiefel_scale(m, n):
-    """The common singular value of a Stiefel weight [m, n]: uniform_init_'s RMS singular value in expectation."""
-    return 0.5 * max(1.0, m / n) ** 0.5
+def stiefel_scale(W):
+    """The RMS singular value of W, ||W||_F / sqrt(min(m, n)): the common singular value of the point of the
+    scaled Stiefel manifold that W is projected to. [..., m, n] -> [...]; 0 for a zero matrix."""
+    return W.float().norm(dim=(-2, -1)) / min(W.shape[-2:]) ** 0.5
 
 
 def stiefel_project(W):
-    """The nearest point scale * U V^T of the scaled Stiefel manifold (by SVD); zero matrices stay zero."""
+    """The nearest point s U V^T with all singular values equal to W's RMS singular value s (by SVD): the
+    spectrum made flat, ||W||_F kept. Zero matrices stay zero. [..., m, n] -> [..., m, n] in fp32."""
     U, _, Vh = torch.linalg.svd(W.float(), full_matrices=False)
-    nonzero = W.norm(dim=(-2, -1), keepdim=True) > 0
-    return torch.where(nonzero, stiefel_scale(*W.shape[-2:]) * U @ Vh, 0.0)
+    return stiefel_scale(W)[..., None, None] * U @ Vh
 
 
 def symmetric(S):
@@ -736,18 +738,21 @@ def stiefel_retract(Y, steps=RETRACTION_STEPS):
     return Z.mT if Y.size(-2) > Y.size(-1) else Z
 
 
-def stiefel_step_(W, G, lr, decay, state, group):
+def stiefel_step_(W, G, lr, decay, state, group, free=False):
     """One manifold Muon step of W [..., m, n] (fp32, in place) along the Nesterov momentum G.
 
-    W = scale * X, X on the Stiefel manifold; the step moves W by a spectral norm of lr * sqrt(max(1, m/n)),
-    as the baseline's update does. Matrices that start at zero (o and the MLP out, whose zero init lets
-    every block start as the identity) stay off the manifold with the baseline's step.
+    W = scale * X, X on the Stiefel manifold, scale each matrix's RMS singular value at its first step (the
+    weights were projected onto their manifolds before it); the step moves W by a spectral norm of
+    lr * sqrt(max(1, m/n)), as the baseline's update does. Matrices that start at zero (o and the MLP out,
+    whose zero init lets every block start as the identity) have scale 0 and stay off the manifold with the
+    baseline's step, as do all of W's matrices when `free` (q, k, v under --manifold_qkv=0).
     """
     m, n = W.shape[-2:]
-    if "on_manifold" not in state:  # one flag per matrix of a stack
-        state["on_manifold"] = W.reshape(-1, m, n).norm(dim=(-2, -1)) > 0
+    if "stiefel_scale" not in state:  # one scale and one flag per matrix of a stack
+        state["stiefel_scale"] = stiefel_scale(W.reshape(-1, m, n))
+        state["on_manifold"] = (state["stiefel_scale"] > 0) & (not free)
     on = state["on_manifold"]
-    muon_scale, scale = max(1.0, m / n) ** 0.5, stiefel_scale(m, n)
+    muon_scale, scale = max(1.0, m / n) ** 0.5, state["stiefel_scale"][on][:, None, None]
     W3, G3 = W.view(-1, m, n), G.reshape(-1, m, n)
     if on.any():
         X = W3[on] / scale
@@ -802,7 +807,8 @@ class Muon(torch.optim.Optimizer):
         buf.lerp_(grad, 1 - m)
         master = fp32_master(p, state)
         decay = 1 - group["lr"] * group["weight_decay"] * group["wd_mul"]
-        stiefel_step_(master, grad.lerp_(buf, m), group["lr"], decay, state, group)  # Nesterov momentum
+        free = p.ndim == 3 and not group.get("manifold_qkv", 1)  # the attention stack under --manifold_qkv=0
+        stiefel_step_(master, grad.lerp_(buf, m), group["lr"], decay, state, group, free)  # Nesterov momentum
         store_master(p, state, master)
 
     @torch.no_grad()
@@ -1036,14 +1042,17 @@ def build_optimizers(model, args, rank, world_size):
     muon = Muon(groups, args.muon_lr, args.muon_momentum_start, args.muon_wd, rank, world_size)
     if args.l1_strength < 0:
         raise SystemExit(f"error: --l1_strength={args.l1_strength} must be >= 0 (0 turns the L1 step off)")
-    if args.stiefel_dual_iters < 1 or args.stiefel_dual_tol < 0 or args.stiefel_dual_step <= 0:
-        raise SystemExit("error: bad stiefel setting; use --stiefel_dual_iters >= 1, --stiefel_dual_tol >= 0 "
-                         "and --stiefel_dual_step > 0")
+    if args.stiefel_dual_iters < 1 or args.stiefel_dual_tol < 0 or args.stiefel_dual_step <= 0 \
+            or args.manifold_qkv not in (0, 1):
+        raise SystemExit("error: bad stiefel setting; use --stiefel_dual_iters >= 1, --stiefel_dual_tol >= 0, "
+                         "--stiefel_dual_step > 0 and --manifold_qkv=0|1")
     for group in muon.param_groups:
         for p in group["params"]:  # the weights start on the manifold (the same SVD on every process)
-            p.data.copy_(stiefel_project(p.data))
+            if p.ndim < 3 or args.manifold_qkv:
+                p.data.copy_(stiefel_project(p.data))
         group.update(stiefel_dual_iters=args.stiefel_dual_iters, stiefel_dual_tol=args.stiefel_dual_tol,
-                     stiefel_dual_step=args.stiefel_dual_step, l1_strength=args.l1_strength)
+                     stiefel_dual_step=args.stiefel_dual_step, manifold_qkv=args.manifold_qkv,
+                     l1_strength=args.l1_strength)
     embeddings = [model.embed.weight, *(ve.weight for ve in model.value_embeds)]
     adam = torch.optim.Adam(
         [dict(params=[model.lm_head.weight], lr=args.head_lr),

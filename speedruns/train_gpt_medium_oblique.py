@@ -66,6 +66,7 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = 300
     muon_wd: float = 0.01  # decoupled, times 2 on the MLP matrices (only those that start at zero)
     muon_lr_mult: str = ""  # e.g. "q=2,mlp_in=0.5": Muon's step (not its decay) scaled for these matrices
+    manifold_qkv: int = 1  # 0: q, k, v take the baseline's Muon step (the loss cannot see a head's q, k, v scale)
     # Adam, for the head, the embeddings and the scalars
     head_lr: float = 1 / 320
     embed_lr: float = 0.3
@@ -652,12 +653,13 @@ def column_tangent(W, U, radius):
     return U - (U * W).sum(-2, keepdim=True) / radius.square() * W
 
 
-def oblique_step_(W, U, lr, decay, state):
+def oblique_step_(W, U, lr, decay, state, free=False):
     """One step of W [..., m, n] (fp32, in place) with each column on the sphere of its initial norm: the
     Muon update U projected onto the tangent space column by column, then each column rescaled to its norm.
-    Columns that start at zero (o and the MLP out) have no sphere and take the baseline's step."""
+    Columns that start at zero (o and the MLP out) have no sphere and take the baseline's step, as do all
+    of W's columns when `free` (the attention stack under --manifold_qkv=0)."""
     if "column_radius" not in state:
-        state["column_radius"] = W.norm(dim=-2, keepdim=True)
+        state["column_radius"] = W.norm(dim=-2, keepdim=True) * (not free)
     on_sphere = state["column_radius"] > 0
     radius = torch.where(on_sphere, state["column_radius"], 1.0)
     new = W - lr * column_tangent(W, U, radius)
@@ -709,7 +711,8 @@ class Muon(torch.optim.Optimizer):
         scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
         master = fp32_master(p, state)
         decay = 1 - group["lr"] * group["weight_decay"] * group["wd_mul"]
-        oblique_step_(master, update.float() * scale * group["lr_mul"], group["lr"], decay, state)
+        free = p.ndim == 3 and not group.get("manifold_qkv", 1)  # q, k, v (o starts at zero: free anyway)
+        oblique_step_(master, update.float() * scale * group["lr_mul"], group["lr"], decay, state, free)
         store_master(p, state, master)
 
     @torch.no_grad()
@@ -941,6 +944,10 @@ def join_process_group(world_size, device):
 def build_optimizers(model, args, rank, world_size):
     groups = muon_param_groups(model, args.muon_lr_mult)
     muon = Muon(groups, args.muon_lr, args.muon_momentum_start, args.muon_wd, rank, world_size)
+    if args.manifold_qkv not in (0, 1):
+        raise SystemExit(f"error: --manifold_qkv={args.manifold_qkv} must be 0 (q, k, v free) or 1")
+    for group in muon.param_groups:
+        group["manifold_qkv"] = args.manifold_qkv
     embeddings = [model.embed.weight, *(ve.weight for ve in model.value_embeds)]
     adam = torch.optim.Adam(
         [dict(params=[model.lm_head.weight], lr=args.head_lr),

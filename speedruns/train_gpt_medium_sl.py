@@ -66,6 +66,7 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = 300
     muon_wd: float = 0.01  # decoupled, times 2 on the MLP matrices (and attention out, which starts at zero)
     muon_lr_mult: str = ""  # e.g. "q=2,mlp_in=0.5": Muon's step (not its decay) scaled for these matrices
+    manifold_qkv: int = 1  # 0: q, k, v take the baseline's Muon step (the loss cannot see a head's q, k, v scale)
     # Adam, for the head, the embeddings and the scalars
     head_lr: float = 1 / 320
     embed_lr: float = 0.3
@@ -719,7 +720,7 @@ class Muon(torch.optim.Optimizer):
         scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
         master = fp32_master(p, state)
         decay = 1 - group["lr"] * group["weight_decay"] * group["wd_mul"]
-        if p.size(-2) == p.size(-1):
+        if p.size(-2) == p.size(-1) and group.get("manifold_qkv", 1):  # q, k, v (and o, which starts at zero)
             sl_step_(master, update.float() * scale * group["lr_mul"], group["lr"], decay, state)
         else:
             master.mul_(decay)
@@ -955,6 +956,10 @@ def join_process_group(world_size, device):
 def build_optimizers(model, args, rank, world_size):
     groups = muon_param_groups(model, args.muon_lr_mult)
     muon = Muon(groups, args.muon_lr, args.muon_momentum_start, args.muon_wd, rank, world_size)
+    if args.manifold_qkv not in (0, 1):
+        raise SystemExit(f"error: --manifold_qkv={args.manifold_qkv} must be 0 (q, k, v free) or 1")
+    for group in muon.param_groups:
+        group["manifold_qkv"] = args.manifold_qkv
     embeddings = [model.embed.weight, *(ve.weight for ve in model.value_embeds)]
     adam = torch.optim.Adam(
         [dict(params=[model.lm_head.weight], lr=args.head_lr),

@@ -71,6 +71,7 @@ class Hyperparameters:
     sphere_angle: str = "norm"  # geodesic angle: lr * |tangent row| / radius ("norm") or lr radians ("lr")
     sphere_every: int = 1  # renormalize the rows every k steps (0: never; 1: every step)
     sphere_zero_rows: str = "enter"  # rows that start at zero (o, MLP out): "enter" a sphere or stay "free"
+    manifold_qkv: int = 1  # 0: q, k, v take the baseline's Muon step (the loss cannot see a head's q, k, v scale)
     # Adam, for the head, the embeddings and the scalars
     head_lr: float = 1 / 320
     embed_lr: float = 0.3
@@ -667,18 +668,20 @@ def sphere_geodesic(W, T, angle, radius):
     return W * angle.cos() + radius * (T / t_norm.clamp_min(1e-30)) * angle.sin()
 
 
-def sphere_step_(W, U, lr, decay, state, step, angle, every, zero_rows="enter"):
+def sphere_step_(W, U, lr, decay, state, step, angle, every, zero_rows="enter", free=None):
     """One step of W [..., m, n] (fp32, in place) with each row on its sphere, along the Muon update U.
 
     The radii are the rows' norms at the first step. A row that starts at zero (o and the MLP out: their
     zero init lets every block start as the identity) either enters the sphere of radius
     SPHERE_ENTRY_RADIUS at its first non-zero update, at -radius * U_row / |U_row|, the sphere's point of
     steepest descent (zero_rows="enter"), or has no sphere and takes the baseline's step
-    W <- decay * W - lr * U (zero_rows="free").
+    W <- decay * W - lr * U (zero_rows="free"). So do the matrices of a stack that `free` [..., 1, 1] marks
+    (q, k, v under --manifold_qkv=0).
     """
     if "row_radius" not in state:
         norms = W.norm(dim=-1, keepdim=True)
-        state["row_radius"] = norms if zero_rows == "free" else torch.where(norms > 0, norms, SPHERE_ENTRY_RADIUS)
+        radius = norms if zero_rows == "free" else torch.where(norms > 0, norms, SPHERE_ENTRY_RADIUS)
+        state["row_radius"] = radius if free is None else torch.where(free, 0.0, radius)
         state["sphere_steps"] = 0
     radius = state["row_radius"]
     on_sphere = radius > 0
@@ -741,8 +744,11 @@ class Muon(torch.optim.Optimizer):
         scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
         master = fp32_master(p, state)
         decay = 1 - group["lr"] * group["weight_decay"] * group["wd_mul"]
+        free = None
+        if p.ndim == 3 and not group.get("manifold_qkv", 1):  # q, k, v of the attention stack [q, k, v, o]
+            free = torch.tensor([True, True, True, False], device=p.device).view(4, 1, 1)
         sphere_step_(master, update.float() * scale * group["lr_mul"], group["lr"], decay, state, group["sphere_step"],
-                     group["sphere_angle"], group["sphere_every"], group["sphere_zero_rows"])
+                     group["sphere_angle"], group["sphere_every"], group["sphere_zero_rows"], free)
         store_master(p, state, master)
 
     @torch.no_grad()
@@ -975,12 +981,13 @@ def build_optimizers(model, args, rank, world_size):
     groups = muon_param_groups(model, args.muon_lr_mult)
     muon = Muon(groups, args.muon_lr, args.muon_momentum_start, args.muon_wd, rank, world_size)
     if args.sphere_step not in ("geodesic", "project") or args.sphere_angle not in ("norm", "lr") \
-            or args.sphere_every < 0 or args.sphere_zero_rows not in ("enter", "free"):
+            or args.sphere_every < 0 or args.sphere_zero_rows not in ("enter", "free") \
+            or args.manifold_qkv not in (0, 1):
         raise SystemExit("error: bad sphere setting; use --sphere_step=geodesic|project, --sphere_angle=norm|lr, "
-                         "--sphere_every=K with K >= 0 and --sphere_zero_rows=enter|free")
+                         "--sphere_every=K with K >= 0, --sphere_zero_rows=enter|free and --manifold_qkv=0|1")
     for group in muon.param_groups:
         group.update(sphere_step=args.sphere_step, sphere_angle=args.sphere_angle, sphere_every=args.sphere_every,
-                     sphere_zero_rows=args.sphere_zero_rows)
+                     sphere_zero_rows=args.sphere_zero_rows, manifold_qkv=args.manifold_qkv)
     embeddings = [model.embed.weight, *(ve.weight for ve in model.value_embeds)]
     adam = torch.optim.Adam(
         [dict(params=[model.lm_head.weight], lr=args.head_lr),

@@ -67,6 +67,7 @@ class Hyperparameters:
     muon_wd: float = 0.01  # decoupled, times 2 on the MLP matrices (off on the symplectic ones)
     muon_lr_mult: str = ""  # e.g. "q=2,mlp_in=0.5": Muon's step (not its decay) scaled for these matrices
     symplectic_polish: int = 1  # corrections X <- X (I + J (X^T J X - J) / 2) after each Cayley step
+    manifold_qkv: int = 1  # 0: q, k, v take the baseline's Muon step (the loss cannot see a head's q, k, v scale)
     # Adam, for the head, the embeddings and the scalars
     head_lr: float = 1 / 320
     embed_lr: float = 0.3
@@ -683,6 +684,23 @@ def orthosymplectic_start(W):
     return torch.where(nonzero, SYMPLECTIC_SCALE * X, 0.0).to(W.dtype)
 
 
+def spectral_norm_bound(X, squarings=6):
+    """An upper bound on ||X||_2 for X [..., n, n], equal to it where X is orthogonal. -> [...].
+
+    ||X||_2^2 = ||X^T X||_2 <= 1 + ||X^T X - I||_2, with equality where the eigenvalues of X^T X come in
+    pairs (lambda, 1/lambda), as for symplectic X; and ||M||_2 <= ||M^p||_F^(1/p) for symmetric M, p =
+    2^squarings, at most n^(1/2p) above it (1.06 at n = 1024 for 6 squarings). M is renormalized at each
+    squaring (fp32 would overflow), its logarithm kept."""
+    eye = torch.eye(X.size(-1), dtype=X.dtype, device=X.device)
+    M, log_scale = X.mT @ X - eye, torch.zeros(X.shape[:-2], dtype=X.dtype, device=X.device)
+    for _ in range(squarings):  # invariant: (X^T X - I)^(2^k) = exp(log_scale) M
+        norm = M.norm(dim=(-2, -1)).clamp_min(1e-30)
+        M = M / norm[..., None, None]
+        M, log_scale = M @ M, 2 * (log_scale + norm.log())
+    log_bound = (log_scale + M.norm(dim=(-2, -1)).log()) / 2**squarings  # log of the bound on ||X^T X - I||_2
+    return (1 + log_bound.exp()).sqrt()
+
+
 def cayley(Omega):
     """(I - Omega / 2)^-1 (I + Omega / 2): symplectic when Omega is Hamiltonian. [..., k, k] -> [..., k, k]."""
     eye = torch.eye(Omega.size(-1), dtype=Omega.dtype, device=Omega.device)
@@ -692,9 +710,12 @@ def cayley(Omega):
 def symplectic_step_(W, G, lr, decay, state, polish=1):
     """One step of square W [..., 2n, 2n] (fp32, in place) kept at W = SYMPLECTIC_SCALE X, X symplectic.
 
-    Tangent space at X: X Omega, Omega Hamiltonian. Step: Omega = -(lr / SYMPLECTIC_SCALE) J msign(S), S = sym(J^T X^T G)
-    the Hamiltonian part of the pulled-back momentum (J msign(S) = msign(J S) is Hamiltonian and of spectral
-    norm 1, so W moves by lr in spectral norm where X is orthogonal, as the baseline's update does).
+    Tangent space at X: X Omega, Omega Hamiltonian. Step: Omega = -c J msign(S), S = sym(J^T X^T G) the
+    Hamiltonian part of the pulled-back momentum (J msign(S) = msign(J S) is Hamiltonian and of spectral norm
+    1), eta = lr / (SYMPLECTIC_SCALE ||X||_2) and c = eta / (1 + eta / 2): W moves by
+    SYMPLECTIC_SCALE X (cayley(Omega) - I) = SYMPLECTIC_SCALE X (I - Omega / 2)^-1 Omega, whose spectral norm
+    is at most SYMPLECTIC_SCALE ||X||_2 c / (1 - c / 2) = lr, as the baseline's update moves W by lr.
+    ||X||_2 is spectral_norm_bound's (exact where X is orthogonal, a little above it elsewhere).
     Retraction: X <- X cayley(Omega), then `polish` first-order corrections of X^T J X - J (fp32 rounding).
     Matrices that start at zero (attention out: its zero init lets every block start as the identity) stay
     off the manifold with the baseline's step.
@@ -707,7 +728,8 @@ def symplectic_step_(W, G, lr, decay, state, polish=1):
     if on.any():
         X = W3[on] / SYMPLECTIC_SCALE
         S = -j_times(hamiltonian_part(X.mT @ G3[on].float()))  # J^T H = sym(J^T X^T G), H = J sym(J^T X^T G)
-        X = X @ cayley(-(lr / SYMPLECTIC_SCALE) * j_times(symmetric(orthogonalize(S).float())))
+        eta = lr / (SYMPLECTIC_SCALE * spectral_norm_bound(X))[:, None, None]
+        X = X @ cayley(-(eta / (1 + eta / 2)) * j_times(symmetric(orthogonalize(S).float())))
         for _ in range(polish):
             X = X + 0.5 * X @ j_times(symplectic_defect(X))
         W3[on] = SYMPLECTIC_SCALE * X
@@ -758,7 +780,7 @@ class Muon(torch.optim.Optimizer):
         nesterov = grad.lerp_(buf, m)  # m * buf + (1 - m) * grad
         master = fp32_master(p, state)
         decay = 1 - group["lr"] * group["weight_decay"] * group["wd_mul"]
-        if p.size(-2) == p.size(-1):
+        if p.size(-2) == p.size(-1) and group.get("manifold_qkv", 1):  # q, k, v (and o, which starts at zero)
             symplectic_step_(master, nesterov, group["lr"], decay, state, group["symplectic_polish"])
         else:
             master.mul_(decay)
@@ -994,13 +1016,14 @@ def join_process_group(world_size, device):
 def build_optimizers(model, args, rank, world_size):
     groups = muon_param_groups(model, args.muon_lr_mult)
     muon = Muon(groups, args.muon_lr, args.muon_momentum_start, args.muon_wd, rank, world_size)
-    if args.symplectic_polish < 0:
-        raise SystemExit("error: --symplectic_polish must be >= 0 (corrections after each Cayley step)")
+    if args.symplectic_polish < 0 or args.manifold_qkv not in (0, 1):
+        raise SystemExit("error: bad symplectic setting; use --symplectic_polish >= 0 (corrections after each "
+                         "Cayley step) and --manifold_qkv=0|1")
     for group in muon.param_groups:
         for p in group["params"]:  # square matrices start on the manifold (the same QR on every process)
-            if p.size(-2) == p.size(-1):
+            if p.size(-2) == p.size(-1) and args.manifold_qkv:
                 p.data.copy_(orthosymplectic_start(p.data))
-        group["symplectic_polish"] = args.symplectic_polish
+        group.update(symplectic_polish=args.symplectic_polish, manifold_qkv=args.manifold_qkv)
     embeddings = [model.embed.weight, *(ve.weight for ve in model.value_embeds)]
     adam = torch.optim.Adam(
         [dict(params=[model.lm_head.weight], lr=args.head_lr),

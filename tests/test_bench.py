@@ -209,8 +209,11 @@ PATCH_GROUPS = {  # what each patch's header says its geometry changes
     "sphere": ["q", "k", "v", "o", "mlp_in", "mlp_out"],  # zero rows (o, MLP out) enter spheres by default
     "oblique": ["q", "k", "v", "mlp_in"],
     "sl": ["q", "k", "v"],  # square matrices only; o starts at zero
-}  # stiefel, l1_stiefel (q, k, v, mlp_in), symplectic (q, k, v), block_stiefel (q, k, v, o): not until their steps
-# honour --muon_lr_mult (they step from the momentum itself): tests/test_bench_regime.py checks who honours it
+    "block_stiefel": ["q", "k", "v"],  # o takes the baseline's step
+}  # stiefel, l1_stiefel (q, k, v, mlp_in), symplectic (q, k, v): not until their steps honour --muon_lr_mult
+# (they step from the momentum itself): tests/test_bench_regime.py checks who honours it
+# Each norm_matched control tunes the groups of the variant it controls.
+PATCH_GROUPS |= {f"norm_matched_{name}": groups for name, groups in PATCH_GROUPS.items() if name != "sl"}
 
 
 def test_the_manifest_declares_the_matrices_each_geometry_changes():

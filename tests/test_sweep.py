@@ -300,3 +300,28 @@ def test_sweep_with_the_real_script(tmp_path, tiny_data):
     # an unknown field is refused with one line
     with pytest.raises(SystemExit, match="no Hyperparameters field no_such_field"):
         sweep.check_fields(BASELINE, ["muon_lr", "no_such_field"])
+
+
+def test_a_variant_entrys_fixed_settings_go_to_every_run_and_cannot_be_swept(tmp_path):
+    """An entry's `settings = {...}` in patches/variants.toml (as ngpt_geodesic's) is part of each run's command and
+    of its run id; a sweep that tries to set one of them itself is refused in one line."""
+    root = tmp_path / "repo"
+    (root / "patches").mkdir(parents=True)
+    (root / "patches" / "variants.toml").write_text(
+        '[ngpt]\npatches = ["ngpt"]\n\n[ngpt_geodesic]\npatches = ["ngpt"]\nsettings = {sphere_step = "geodesic", '
+        'sphere_every = 3}\n')
+    argv = ["ngpt_geodesic", "--lr=0.01,0.02", "--num_iterations=2", f"--out={tmp_path / 'out'}"]
+    trainer = FakeTrainer()
+    sweep.run_sweep(sweep.parse_sweep_args(argv), runner=trainer, root=root)
+    assert len(trainer.calls) == 2
+    for cmd in trainer.calls:
+        assert option(cmd, "sphere_step") == "geodesic" and option(cmd, "sphere_every") == "3"
+    plain = FakeTrainer()
+    sweep.run_sweep(sweep.parse_sweep_args(["ngpt", *argv[1:3], f"--out={tmp_path / 'plain'}"]), runner=plain,
+                    root=root)
+    assert not any(a.startswith("--sphere_step=") for a in plain.calls[0])
+    assert option(plain.calls[0], "run_id").split("_")[-1] != option(trainer.calls[0], "run_id").split("_")[-1]
+    for clash in (["--sphere_step=project"], ["--sphere_every=1,5"]):
+        with pytest.raises(SystemExit) as info:
+            sweep.run_sweep(sweep.parse_sweep_args([*argv, *clash]), runner=FakeTrainer(), root=root)
+        assert "fixed for ngpt_geodesic" in str(info.value.code) and "\n" not in str(info.value.code)

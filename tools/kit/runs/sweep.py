@@ -7,7 +7,9 @@ usage: tools/sweep VARIANT --FIELD=v1,v2,... [--FIELD2=a,b] [--parallel N] [--np
 
 Each option whose value holds a comma is a grid axis over that Hyperparameters field (`--lr` is
 an alias for `muon_lr` and is always an axis); other `--field=value` options (and everything after
-`--`, e.g. `-- --checkpoint_every=10:100,100`) go unchanged to every run. Each grid point runs
+`--`, e.g. `-- --checkpoint_every=10:100,100`) go unchanged to every run, after the fixed settings of the
+variant's entry in patches/variants.toml (`settings = {...}`, e.g. ngpt_geodesic's sphere_step; a sweep
+may not vary or override them: sweep the variant they build on). Each grid point runs
 
     python speedruns/train_gpt_medium[_VARIANT].py --run_id=ID --log_dir=OUT/logs --checkpoint_dir=OUT/checkpoints \
         ARGS --field=value
@@ -594,6 +596,16 @@ def run_sweep(spec: SweepSpec, runner: Runner = subprocess_runner, root: Path | 
     root = variants.REPO_ROOT if root is None else Path(root)
     script = variants.script_path(spec.variant, root)
     fields = list(spec.grid)
+    try:
+        fixed = variants.fixed_settings(spec.variant, root)
+    except variants.VariantError as err:
+        raise SystemExit(f"tools/sweep: {err}") from None
+    given = {a[2:].partition("=")[0] for a in spec.passthrough if a.startswith("--")} | set(fields)
+    clash = [f for f in fixed if f[2:].partition("=")[0] in given]
+    if clash:
+        raise SystemExit(f"tools/sweep: {clash[0]} is fixed for {spec.variant} by its entry in patches/variants.toml; "
+                         "sweep the variant its settings build on to vary it")
+    spec = dataclasses.replace(spec, passthrough=[*fixed, *spec.passthrough])  # part of every run (and its id)
     out = (spec.out or root / "sweeps" / f"{spec.variant}_{'_'.join(fields)}").resolve()
     points = make_points(spec, script, out)
     if runner is subprocess_runner:
