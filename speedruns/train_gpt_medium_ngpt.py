@@ -88,6 +88,8 @@ class Hyperparameters:
     seed: int = 0
     device: str = "auto"  # auto | cuda | cpu
     compile: bool = True  # torch.compile of the model (and on CUDA of Newton-Schulz)
+    coordinate_descent: bool = True  # CUDA, compiled: inductor's coordinate-descent tuning as record #8 (slow compile)
+    rehearse_cuda: bool = False  # CPU: take the CUDA path's step (bf16 weights, warm-up...: see cuda_path), for tests
     fuse_micro_batches: bool = True  # CPU: a step's micro-batches in one batched forward/backward (same math)
     run_id: str = ""  # default: time stamp + random suffix
     overwrite: bool = False  # replace an existing run of this run id: its log and checkpoint folder are removed first
@@ -168,6 +170,7 @@ ATTN_SCALE = 0.12
 LOGIT_SOFTCAP = 15.0
 EOT_TOKEN = 50256
 VOCAB_PAD_MULTIPLE = 128
+LOGIT_CHUNK_TOKENS = 64 * 1024  # validation computes the head's logits for at most this many tokens at a time
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 MAKE_DATA_HINT = "make data with tools/prepare_tiny_data (CPU preset) or tools/fetch_fineweb (official)"
 
@@ -237,6 +240,8 @@ def validate_args(args):
         raise SystemExit(f"error: --run_id={args.run_id!r} is not a plain name; use letters, digits, '_', '+', '-' "
                          "and '.' (not first)")
     checkpoint_steps(args.checkpoint_every, args.num_iterations)
+    if args.rehearse_cuda and args.device == "cuda":
+        raise SystemExit("error: --rehearse_cuda=1 rehearses the CUDA path on the CPU; drop it with --device=cuda")
 
 
 def checkpoint_steps(spec, num_iterations):
@@ -615,11 +620,18 @@ class GPT(nn.Module):
             mask = masks["long" if i in LONG_WINDOW_LAYERS else "short"]
             x = block(x, x0, ve, mix[i], value_lambdas[i], mask)
             outputs.append(x)
-        dtype = torch.bfloat16 if x.is_cuda else torch.float32  # record #8: a bf16 head GEMM on the GPU
+        x, targets = x.flatten(0, -2), target_seq.flatten()  # on the sphere already: no norm
+        if torch.is_grad_enabled() or len(x) <= LOGIT_CHUNK_TOKENS:
+            return self.head_loss(x, targets, "mean")
+        # Validation (no graph to keep): the logits chunk by chunk, so that their memory stays bounded.
+        chunks = zip(x.split(LOGIT_CHUNK_TOKENS), targets.split(LOGIT_CHUNK_TOKENS), strict=True)
+        return sum(self.head_loss(*chunk, "sum") for chunk in chunks) / len(x)
+
+    def head_loss(self, x, targets, reduction):  # x [N, dim] unit rows; bf16 on the CUDA path: record #8's bf16 head GEMM
         s_z = learned_scale(self.s_z, self.args.ngpt_logit_scale, self.s_z_scale)
-        logits = F.linear(x.to(dtype), self.lm_head.weight.to(dtype)).float() * s_z  # s_z times cosines
+        logits = F.linear(x, self.lm_head.weight.type_as(x)).float() * s_z  # s_z times cosines
         logits = LOGIT_SOFTCAP * logits / torch.sqrt(logits.square() + LOGIT_SOFTCAP**2)
-        return F.cross_entropy(logits.flatten(0, -2), target_seq.flatten())
+        return F.cross_entropy(logits, targets, reduction=reduction)
 
     def forward(self, input_seq, target_seq, window_blocks):  # compiled, masks included
         if input_seq.dim() == 1:  # one sequence [T]
@@ -761,9 +773,8 @@ class Muon(torch.optim.Optimizer):
                 if self.world_size > 1:
                     chunk = [params[i] if i < len(params) else torch.empty_like(params[base])
                              for i in range(base, base + self.world_size)]
-                    src = chunk[self.rank].data.clone()
-                    gathers.append((dist.all_gather([t.data for t in chunk], src, async_op=True), src))
-        for handle, _ in gathers:
+                    gathers.append(dist.all_gather([t.data for t in chunk], chunk[self.rank].data, async_op=True))
+        for handle in gathers:
             handle.wait()
 
 
@@ -1055,12 +1066,14 @@ def build_optimizers(model, args, rank, world_size):
     return muon, adam
 
 
-def all_reduce_grads(model, world_size):
+def start_grad_reduction(optimizer, world_size):
+    """Start summing the gradients of an optimizer's parameters over the processes (each process's loss is
+    already divided by the global micro-batch count) -> a function that waits for them."""
     if world_size == 1:
-        return
-    handles = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]
-    for h in handles:
-        h.wait()
+        return lambda: None
+    handles = [dist.all_reduce(p.grad, async_op=True)
+               for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return lambda: [h.wait() for h in handles]
 
 
 _VAL_TOKENS = {}
@@ -1099,7 +1112,14 @@ def evaluate(model_forward, args, step, rank, world_size, device):
 
 def fused(args, device):
     """Whether a step's micro-batches run as one batch (CPU only; the GPU runs one sequence at a time)."""
-    return args.fuse_micro_batches and device.type == "cpu"
+    return args.fuse_micro_batches and not cuda_path(args, device)
+
+
+def cuda_path(args, device):
+    """Whether the run takes the CUDA path's choices: on a GPU, or rehearsed on the CPU with --rehearse_cuda=1 (bf16
+    weights with their mantissa and a bf16 head, one sequence per forward, compiled Newton-Schulz and autograd, the
+    undone warm-up). Attention, Newton-Schulz's precision and unpinned copies stay the CPU's."""
+    return device.type == "cuda" or args.rehearse_cuda
 
 
 def train_step(model_forward, model, loader, optimizers, args, step, world_size, device):
@@ -1116,7 +1136,7 @@ def train_step(model_forward, model, loader, optimizers, args, step, world_size,
         loss = model_forward(x, y, window)
         (loss * len(x) / args.micro_batches).backward()  # the mean of the micro-batches' mean losses
         step_loss += loss.detach() * len(x)
-    all_reduce_grads(model, world_size)
+    reductions = [(opt, start_grad_reduction(opt, world_size)) for opt in (adam, muon)]  # Adam's wait first
     mult = lr_multiplier(step, args)
     for opt in (muon, adam):
         for group in opt.param_groups:
@@ -1125,8 +1145,9 @@ def train_step(model_forward, model, loader, optimizers, args, step, world_size,
         group["momentum"] = muon_momentum(step, args)
     geodesic = args.sphere_step == "geodesic"
     before = {p: p.detach().clone() for group in muon.param_groups for p in group["params"]} if geodesic else None
-    muon.step()
-    adam.step()
+    for opt, wait in reductions:  # Adam steps while Muon's gradients are still being reduced
+        wait()
+        opt.step()
     keep_on_spheres_(model, muon, before, args, step)
     model.zero_grad(set_to_none=True)
     return step_loss / loader.accum
@@ -1150,6 +1171,7 @@ def print_help():
 
 def main(argv=None):
     global orthogonalize
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # record #8's, before CUDA starts
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         return print_help()
@@ -1170,7 +1192,7 @@ def main(argv=None):
     join_process_group(world_size, device)
 
     model = GPT(args).to(device)
-    if device.type == "cuda":  # bf16 embeddings; the matrices (normalized in place after each step) and the rest fp32
+    if cuda_path(args, device):  # bf16 embeddings; the matrices (normalized in place after each step) and the rest fp32
         for p in (model.embed.weight, *(ve.weight for ve in model.value_embeds)):
             p.data = p.data.bfloat16()
     for p in model.parameters():  # every process starts from rank 0's weights
@@ -1180,8 +1202,10 @@ def main(argv=None):
     model_forward = model
     if args.compile:
         model_forward = torch.compile(model, dynamic=False)
-    if args.compile and device.type == "cuda":
-        orthogonalize = torch.compile(orthogonalize, dynamic=False)  # record #8's: one graph per matrix shape
+    if args.compile and cuda_path(args, device):  # as record #8
+        orthogonalize = torch.compile(orthogonalize, dynamic=False)  # one graph per matrix shape
+        torch._dynamo.config.compiled_autograd = True
+        torch._inductor.config.coordinate_descent_tuning = args.coordinate_descent and device.type == "cuda"
     save_at = checkpoint_steps(args.checkpoint_every, args.num_iterations)
     start_run(log_path, run_dir, args.overwrite, bool(save_at), rank, world_size)
     log = Logger(log_path, rank == 0)
@@ -1193,7 +1217,7 @@ def main(argv=None):
     if rank == 0:
         print(f"logging to {log_path}", flush=True)
 
-    if args.warmup_steps and device.type == "cuda":  # compile the kernels, then undo the warm-up entirely
+    if args.warmup_steps and cuda_path(args, device):  # compile the kernels, then undo the warm-up entirely
         initial = [{k: v.clone() for k, v in model.state_dict().items()},
                    [dict(o.state_dict()) for o in (muon, adam)]]
         for step in range(args.warmup_steps):
