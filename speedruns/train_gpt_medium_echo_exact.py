@@ -881,7 +881,7 @@ def replica_echo(replicas):
 
     Each replica's SVD is aligned to M's (assign_directions on |U^T U_r| |V^T V_r|, then signs), the
     reverb Z_i[a, b] = <u_i^a, u_i^b> <v_i^a, v_i^b> (zero diagonal) is formed per direction, and zeta_i
-    is the median over pivots of echo_pivots. replicas [R, m, n], R >= 3 -> (U [m, k], s [k], V [n, k],
+    is the median over pivots of echo_pivots (0 where s is 0). replicas [R, m, n], R >= 3 -> (U [m, k], s [k], V [n, k],
     zeta [k]), k = min(m, n).
     """
     U, s, Vh = torch.linalg.svd(replicas.mean(0), full_matrices=False)
@@ -894,7 +894,9 @@ def replica_echo(replicas):
         Ur[r], Vr[r] = Ur[r] * sign, Vr[r] * sign
     z = torch.einsum("amk,bmk->kab", Ur, Ur) * torch.einsum("ank,bnk->kab", Vr, Vr)
     z.diagonal(dim1=-2, dim2=-1).zero_()
-    return U, s, V, echo_pivots(z).quantile(0.5, dim=1)
+    # A zero direction of the mean (a zero gradient: every block at step 1, the head starting at zero) has
+    # arbitrary singular vectors: no echo, so no step along it (Newton-Schulz gives zero there too).
+    return U, s, V, torch.where(s > 0, echo_pivots(z).quantile(0.5, dim=1), 0.0)
 
 
 def mean_echo(zeta, replicas):

@@ -85,6 +85,8 @@ class Hyperparameters:
     seed: int = 0
     device: str = "auto"  # auto | cuda | cpu
     compile: bool = True  # torch.compile of the model (and on CUDA of Newton-Schulz)
+    coordinate_descent: bool = True  # CUDA, compiled: inductor's coordinate-descent tuning as record #8 (slow compile)
+    rehearse_cuda: bool = False  # CPU: take the CUDA path's step (bf16 weights, warm-up...: see cuda_path), for tests
     fuse_micro_batches: bool = False  # kept off: the replica statistics read each micro-batch's own gradient
     run_id: str = ""  # default: time stamp + random suffix
     overwrite: bool = False  # replace an existing run of this run id: its log and checkpoint folder are removed first
@@ -157,6 +159,7 @@ ATTN_SCALE = 0.12
 LOGIT_SOFTCAP = 15.0
 EOT_TOKEN = 50256
 VOCAB_PAD_MULTIPLE = 128
+LOGIT_CHUNK_TOKENS = 64 * 1024  # validation computes the head's logits for at most this many tokens at a time
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 MAKE_DATA_HINT = "make data with tools/prepare_tiny_data (CPU preset) or tools/fetch_fineweb (official)"
 
@@ -221,6 +224,8 @@ def validate_args(args):
         raise SystemExit(f"error: --run_id={args.run_id!r} is not a plain name; use letters, digits, '_', '+', '-' "
                          "and '.' (not first)")
     checkpoint_steps(args.checkpoint_every, args.num_iterations)
+    if args.rehearse_cuda and args.device == "cuda":
+        raise SystemExit("error: --rehearse_cuda=1 rehearses the CUDA path on the CPU; drop it with --device=cuda")
 
 
 def checkpoint_steps(spec, num_iterations):
@@ -656,10 +661,17 @@ class GPT(nn.Module):
             mask = masks["long" if i in LONG_WINDOW_LAYERS else "short"]
             x = block(x, x0, ve, mix[i], value_lambdas[i], mask)
             outputs.append(x)
-        dtype = torch.bfloat16 if x.is_cuda else torch.float32  # record #8: a bf16 head GEMM on the GPU
-        logits = F.linear(norm(x).to(dtype), self.lm_head.weight.to(dtype)).float()
+        x, targets = norm(x).flatten(0, -2), target_seq.flatten()
+        if torch.is_grad_enabled() or len(x) <= LOGIT_CHUNK_TOKENS:
+            return self.head_loss(x, targets, "mean")
+        # Validation (no graph to keep): the logits chunk by chunk, so that their memory stays bounded.
+        chunks = zip(x.split(LOGIT_CHUNK_TOKENS), targets.split(LOGIT_CHUNK_TOKENS), strict=True)
+        return sum(self.head_loss(*chunk, "sum") for chunk in chunks) / len(x)
+
+    def head_loss(self, x, targets, reduction):  # x [N, dim] normed; bf16 on the CUDA path: record #8's bf16 head GEMM
+        logits = F.linear(x, self.lm_head.weight.type_as(x)).float()
         logits = LOGIT_SOFTCAP * logits / torch.sqrt(logits.square() + LOGIT_SOFTCAP**2)
-        return F.cross_entropy(logits.flatten(0, -2), target_seq.flatten())
+        return F.cross_entropy(logits, targets, reduction=reduction)
 
     def forward(self, input_seq, target_seq, window_blocks):  # compiled, masks included
         if input_seq.dim() == 1:  # one sequence [T]
@@ -961,7 +973,7 @@ def replica_echo(replicas):
 
     Each replica's SVD is aligned to M's (assign_directions on |U^T U_r| |V^T V_r|, then signs), the
     reverb Z_i[a, b] = <u_i^a, u_i^b> <v_i^a, v_i^b> (zero diagonal) is formed per direction, and zeta_i
-    is the median over pivots of echo_pivots. replicas [R, m, n], R >= 3 -> (U [m, k], s [k], V [n, k],
+    is the median over pivots of echo_pivots (0 where s is 0). replicas [R, m, n], R >= 3 -> (U [m, k], s [k], V [n, k],
     zeta [k]), k = min(m, n).
     """
     U, s, Vh = torch.linalg.svd(replicas.mean(0), full_matrices=False)
@@ -974,7 +986,9 @@ def replica_echo(replicas):
         Ur[r], Vr[r] = Ur[r] * sign, Vr[r] * sign
     z = torch.einsum("amk,bmk->kab", Ur, Ur) * torch.einsum("ank,bnk->kab", Vr, Vr)
     z.diagonal(dim1=-2, dim2=-1).zero_()
-    return U, s, V, echo_pivots(z).quantile(0.5, dim=1)
+    # A zero direction of the mean (a zero gradient: every block at step 1, the head starting at zero) has
+    # arbitrary singular vectors: no echo, so no step along it (Newton-Schulz gives zero there too).
+    return U, s, V, torch.where(s > 0, echo_pivots(z).quantile(0.5, dim=1), 0.0)
 
 
 def mean_echo(zeta, replicas):
@@ -1206,9 +1220,8 @@ class Muon(torch.optim.Optimizer):
             for base in range(0, len(params), self.world_size):
                 chunk = [params[i] if i < len(params) else torch.empty_like(params[base])
                          for i in range(base, base + self.world_size)]
-                src = chunk[self.rank].data.clone()
-                gathers.append((dist.all_gather([t.data for t in chunk], src, async_op=True), src))
-        for handle, _ in gathers:
+                gathers.append(dist.all_gather([t.data for t in chunk], chunk[self.rank].data, async_op=True))
+        for handle in gathers:
             handle.wait()
 
 
@@ -1456,12 +1469,14 @@ def build_optimizers(model, args, rank, world_size):
     return muon, adam
 
 
-def all_reduce_grads(model, world_size):
+def start_grad_reduction(optimizer, world_size):
+    """Start summing the gradients of an optimizer's parameters over the processes (each process's loss is
+    already divided by the global micro-batch count) -> a function that waits for them."""
     if world_size == 1:
-        return
-    handles = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]
-    for h in handles:
-        h.wait()
+        return lambda: None
+    handles = [dist.all_reduce(p.grad, async_op=True)
+               for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return lambda: [h.wait() for h in handles]
 
 
 _VAL_TOKENS = {}
@@ -1500,7 +1515,14 @@ def evaluate(model_forward, args, step, rank, world_size, device):
 
 def fused(args, device):
     """Whether a step's micro-batches run as one batch (CPU only; the GPU runs one sequence at a time)."""
-    return args.fuse_micro_batches and device.type == "cpu"
+    return args.fuse_micro_batches and not cuda_path(args, device)
+
+
+def cuda_path(args, device):
+    """Whether the run takes the CUDA path's choices: on a GPU, or rehearsed on the CPU with --rehearse_cuda=1 (bf16
+    weights with their mantissa and a bf16 head, one sequence per forward, compiled Newton-Schulz and autograd, the
+    undone warm-up). Attention, Newton-Schulz's precision and unpinned copies stay the CPU's."""
+    return device.type == "cuda" or args.rehearse_cuda
 
 
 def train_step(model_forward, model, loader, optimizers, args, step, world_size, device):
@@ -1517,7 +1539,7 @@ def train_step(model_forward, model, loader, optimizers, args, step, world_size,
         loss = model_forward(x, y, window)
         (loss * len(x) / args.micro_batches).backward()  # the mean of the micro-batches' mean losses
         step_loss += loss.detach() * len(x)
-    all_reduce_grads(model, world_size)
+    reductions = [(opt, start_grad_reduction(opt, world_size)) for opt in (adam, muon)]  # Adam's wait first
     mult = lr_multiplier(step, args)
     for opt in (muon, adam):
         for group in opt.param_groups:
@@ -1526,8 +1548,9 @@ def train_step(model_forward, model, loader, optimizers, args, step, world_size,
         group["momentum"] = muon_momentum(step, args)
     if muon.oracle is not None:  # the held-out gradient at the weights this step starts from
         muon.oracle.measure(model, step, window)
-    muon.step()
-    adam.step()
+    for opt, wait in reductions:  # Adam steps while Muon's gradients are still being reduced
+        wait()
+        opt.step()
     model.zero_grad(set_to_none=True)
     return step_loss / loader.accum
 
@@ -1550,6 +1573,7 @@ def print_help():
 
 def main(argv=None):
     global orthogonalize
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # record #8's, before CUDA starts
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         return print_help()
@@ -1570,7 +1594,7 @@ def main(argv=None):
     join_process_group(world_size, device)
 
     model = GPT(args).to(device)
-    if device.type == "cuda":  # bf16 block matrices and embeddings; the head, the scalars and RoPE stay fp32
+    if cuda_path(args, device):  # bf16 block matrices and embeddings; the head, the scalars and RoPE stay fp32
         for p in model.parameters():
             if p is not model.lm_head.weight and p is not model.scalars:
                 p.data = p.data.bfloat16()
@@ -1581,8 +1605,10 @@ def main(argv=None):
     model_forward = model
     if args.compile:
         model_forward = torch.compile(model, dynamic=False)
-    if args.compile and device.type == "cuda":
-        orthogonalize = torch.compile(orthogonalize, dynamic=False)  # record #8's: one graph per matrix shape
+    if args.compile and cuda_path(args, device):  # as record #8
+        orthogonalize = torch.compile(orthogonalize, dynamic=False)  # one graph per matrix shape
+        torch._dynamo.config.compiled_autograd = True
+        torch._inductor.config.coordinate_descent_tuning = args.coordinate_descent and device.type == "cuda"
     save_at = checkpoint_steps(args.checkpoint_every, args.num_iterations)
     start_run(log_path, run_dir, args.overwrite, bool(save_at), rank, world_size)
     log = Logger(log_path, rank == 0)
@@ -1596,7 +1622,7 @@ def main(argv=None):
     if rank == 0:
         print(f"logging to {log_path}", flush=True)
 
-    if args.warmup_steps and device.type == "cuda":  # compile the kernels, then undo the warm-up entirely
+    if args.warmup_steps and cuda_path(args, device):  # compile the kernels, then undo the warm-up entirely
         initial = [{k: v.clone() for k, v in model.state_dict().items()},
                    [dict(o.state_dict()) for o in (muon, adam)]]
         for step in range(args.warmup_steps):

@@ -111,3 +111,16 @@ def test_keep_norm_gives_the_newton_schulz_step_norm_per_matrix(exact):
     assert shrunk_norm[1] / msign_norm[1] < shrunk_norm[0] / msign_norm[0]  # noisier matrix, shorter step
     unit = lambda x: x / x.norm(dim=(-2, -1), keepdim=True)
     torch.testing.assert_close(unit(kept), unit(shrunk), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("keep_norm", [False, True])
+def test_a_zero_gradient_makes_no_step(exact, keep_norm):
+    """All of a matrix's micro-batch gradients are zero (every block's at step 1: the head starts at zero): the
+    mean's singular vectors are arbitrary (an SVD of zero returns the identity), its echo is 0 and the step is
+    zero, as Newton-Schulz's would be; a partly zero stack steps only where the gradient is not zero."""
+    update, _ = muon_step(exact, torch.zeros(4, 24, 16, dtype=torch.float64), keep_norm)
+    assert update.abs().max() == 0
+    _, _, _, replicas = planted((2, 24, 16), 4, seed=3, sigma=[1.0, 1.0])
+    replicas[:, 1] = 0
+    update, _ = muon_step(exact, replicas, keep_norm)
+    assert update[1].abs().max() == 0 and update[0].norm() > 0.1
