@@ -601,3 +601,30 @@ def test_a_variants_fixed_settings_go_to_each_of_its_runs(tmp_path):
     (tmp_path / "patches" / "variants.toml").write_text('[x]\nsettings = ["a"]\n')
     with pytest.raises(SystemExit, match="settings must be a table"):
         bench.manifest(tmp_path)
+
+
+def test_a_variants_declared_control_runs_with_it_and_reads_it_against_that_control(repo, tmp_path):
+    """oblique names a control (as each manifold variant names its norm_matched one): asking for oblique benches
+    the control too, and oblique's ratio against it is the ratio of their speeds, with a CI and Holm's p."""
+    (repo / "speedruns" / "train_gpt_medium_norm_matched_oblique.py").write_text(STAND_IN.format(fields=MULT,
+                                                                                                preset=""))
+    groups = 'groups = ["q", "k", "v", "mlp_in"]\n'
+    manifest = (repo / "patches" / "variants.toml").read_text().replace(
+        groups, groups + 'control = "norm_matched_oblique"\n', 1)
+    (repo / "patches" / "variants.toml").write_text(
+        manifest + '[norm_matched_oblique]\nlr = "muon_lr"\ngroups = ["q", "k", "v", "mlp_in"]\n')
+    trainer = FakeTrainer({"baseline": 1.0, "oblique": 1.1, "norm_matched_oblique": 1.05}, {})
+    out = tmp_path / "out"
+    bench.main([*ARGS, "--lr-points=1", "--lr-seeds=1", f"--out={out}", "--variants=baseline,oblique"],
+               runner=trainer, root=repo)
+    rows = read_csv(out / "bench.csv")
+    assert "norm_matched_oblique" in rows and rows["oblique"]["control"] == "norm_matched_oblique"
+    assert float(rows["oblique"]["ratio_vs_control"]) == pytest.approx(1.05 / 1.1, rel=0.015)
+    low, high = float(rows["oblique"]["ci_low_vs_control"]), float(rows["oblique"]["ci_high_vs_control"])
+    assert low < float(rows["oblique"]["ratio_vs_control"]) < high
+    assert rows["oblique"]["p_holm_vs_control"] == rows["oblique"]["p_vs_control"]  # a family of one
+    assert rows["baseline"]["ratio_vs_control"] == rows["norm_matched_oblique"]["ratio_vs_control"] == ""
+    assert "vs norm_matched_oblique" in (out / "bench.txt").read_text()
+    (repo / "patches" / "variants.toml").write_text(manifest.replace("norm_matched_oblique", "nowhere"))
+    with pytest.raises(SystemExit, match="control must name another entry"):
+        bench.manifest(repo)

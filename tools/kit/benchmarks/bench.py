@@ -42,6 +42,11 @@ script as a variant of its own, tuned and fitted on its own grid seeds (2000, ..
 (100, ...), so it meets every source of noise a variant does (unpaired): its CI must include 1. A failed
 control is printed at the end and the command exits with status 1.
 
+A variant's own control: an entry of patches/variants.toml may name one, `control = "<variant>"` (each manifold
+variant names its norm_matched control: the same pinned norms without the geometry). The control is then benched
+with it (added to --variants), and the table's `vs its control` column reads the variant against it as against the
+baseline (the budget to reach the control's mean final loss at N, over N; seeds paired, both tunings' noise in the
+CI), with Holm's correction over those comparisons as a family of their own.
 Default variants: baseline, adamw, polar_normuon_cwd and every echo* variant whose script exists and whose
 table declares lr, but echo_exact (~2.7x the baseline's step at the bench preset) and the diagnostic echo_oracle:
 name those in --variants.
@@ -420,6 +425,7 @@ class Variant:
     decay: tuple[str, float] | None = None  # (decay field, the preset's value): held at the preset's integral
     extra: list[str] = field(default_factory=list)  # SCALE_SETTINGS the script has
     key: str = ""  # the run id's hash of what is not in the command: code, data, torch, threads
+    control: str = ""  # the manifest's control of this variant: its verdict is also given against that one
 
     @property
     def tuned(self) -> str:
@@ -471,6 +477,11 @@ def manifest(root: Path) -> dict[str, dict]:
                 raise SystemExit(f"tools/bench: {path}: [{name}] groups tune Muon's rate: they need lr = "
                                  f"\"{DEFAULT_LR_FIELD}\" (or no lr key)")
             entry["groups"] = list(groups)
+        if "control" in table:  # the variant that isolates this one's side effect (e.g. its norm_matched control)
+            if not isinstance(table["control"], str) or table["control"] == name or table["control"] not in data:
+                raise SystemExit(f"tools/bench: {path}: [{name}] control must name another entry of the manifest, "
+                                 f"e.g. control = \"norm_matched_{name}\"")
+            entry["control"] = table["control"]
         if "settings" in table:  # fixed settings of this variant alone, passed to each of its runs
             try:
                 entry["settings"] = variants.fixed_settings(name, root)
@@ -595,7 +606,8 @@ def make_variant(name: str, root: Path, seeds: list[int], extra: Sequence[str] =
                          f"[{base_name}] in patches/variants.toml need; regenerate it with tools/apply_patch --all")
     scale = [f"--{k}={v}" for k, v in SCALE_SETTINGS.items() if hasattr(settings, k)] + fixed
     return Variant(name, script, lr_field, float(getattr(settings, lr_field)), list(seeds), list(grid_seeds),
-                   list(groups), decay, scale, cache_key(script, data_sha256(settings, root)))
+                   list(groups), decay, scale, cache_key(script, data_sha256(settings, root)),
+                   "" if name == CONTROL else entry.get("control", ""))
 
 
 def fmt_lr(lr: float) -> str:
@@ -858,6 +870,8 @@ class Result:
     speed: Speed | None = None
     p_holm: float | None = None
     welch_p: float | None = None
+    vs_control: Speed | None = None  # against its manifest control, read at that control's loss at N
+    p_holm_control: float | None = None
     status: str = "ok"
 
     @property
@@ -887,6 +901,17 @@ def analyse(results: list[Result], budget_n: int, reps: int) -> None:
     family = [r for r in results if r.speed is not None and r.name not in CONTROLS]
     for r, p in zip(family, stats.holm([r.speed.p_value for r in family]), strict=True):
         r.p_holm = float(p)
+    # Against its control (paired seeds, both tuned): the budget the variant needs to reach the control's mean
+    # final loss at N, over N; a family of its own for Holm.
+    by = {r.name: r for r in results}
+    for r in results:
+        c = by.get(r.variant.control)
+        if r.curve is not None and c is not None and c.curve is not None and budget_n in c.budgets:
+            r.vs_control = budget_ratio(r.curve, c.curve, budget_n, r.tuned.grid, c.tuned.grid, reps=reps,
+                                        seed=zlib.crc32(f"{r.name} vs {c.name}".encode()), level=1 - ALPHA)
+    against = [r for r in results if r.vs_control is not None]
+    for r, p in zip(against, stats.holm([r.vs_control.p_value for r in against]), strict=True):
+        r.p_holm_control = float(p)
 
 
 def verdicts(r: Result) -> tuple[str, str]:
@@ -967,9 +992,20 @@ def result_rows(results: list[Result], budget_n: int, quick: bool) -> list[dict[
             "verdict (Holm)": "" if quick else adjusted,
             f"final loss at {budget_n} +- std": "" if summary is None else
                 f"{summary.mean:.4f} +- {_f(summary.std, '.4f')} (n={summary.n})",
+            "vs its control": "" if quick else control_text(r),
             "status": r.status,
         })
     return rows
+
+
+def control_text(r: Result) -> str:
+    """'0.981 [0.95, 1.01] vs norm_matched_x, Holm p 0.4: no difference' (or '' without a control's result)."""
+    c = r.vs_control
+    if c is None:
+        return f"({r.variant.control}: no result)" if r.variant.control else ""
+    held = verdict(c.ratio, r.p_holm_control is not None and r.p_holm_control < ALPHA, c.extrapolated)
+    return (f"{c.ratio:.3f} [{c.ci_low:.3f}, {c.ci_high:.3f}] vs {r.variant.control}, Holm p "
+            f"{_f(r.p_holm_control, '.2g')}: {held}")
 
 
 def csv_rows(results: list[Result], budget_n: int) -> list[dict[str, str]]:
@@ -991,7 +1027,14 @@ def csv_rows(results: list[Result], budget_n: int) -> list[dict[str, str]]:
             "pick_sd_ln": _f(s and s.pick_sd, ".4f"),
             "budget_n": str(budget_n), "final_at_n_mean": _f(summary and summary.mean, ".6f"),
             "final_at_n_std": _f(summary and summary.std, ".6f"), "seeds_at_n": str(summary.n if summary else 0),
-            "welch_p": _f(r.welch_p, ".4g"), "status": r.status,
+            "welch_p": _f(r.welch_p, ".4g"), "control": r.variant.control,
+            "ratio_vs_control": _f(r.vs_control and r.vs_control.ratio, ".4f"),
+            "ci_low_vs_control": _f(r.vs_control and r.vs_control.ci_low, ".4f"),
+            "ci_high_vs_control": _f(r.vs_control and r.vs_control.ci_high, ".4f"),
+            "p_vs_control": _f(r.vs_control and r.vs_control.p_value, ".4g"),
+            "p_holm_vs_control": _f(r.p_holm_control, ".4g"),
+            "extrapolated_vs_control": "" if r.vs_control is None else str(r.vs_control.extrapolated).lower(),
+            "status": r.status,
         })
     return rows
 
@@ -1155,6 +1198,9 @@ def run_bench(vs: list[Variant], out: Path, budget_n: int, budget_fracs: tuple[f
         text.append(f"p: two-sided test of ratio = 1 from the bootstrap (seed pairs resampled, the tuning's noise "
                     f"included); Holm over the {m} variant(s) that are not controls; verdicts: raw = the "
                     f"{1 - ALPHA:.0%} CI excludes 1, Holm = adjusted p < {ALPHA}; an extrapolated crossing gets none")
+    if not quick and any(r.vs_control is not None for r in results):
+        text.append("vs its control: the variant's budget to reach its control's mean final loss at N, over N (95% CI, "
+                    "seeds paired, both tunings' noise included); Holm over those comparisons")
     if quick:
         text.append("--quick: 2 budgets and few seeds, declared learning rates; no CI claims, controls not checked")
     if incomplete:
@@ -1220,6 +1266,11 @@ def main(argv: list[str] | None = None, runner: Runner = subprocess_runner, root
                 f"baseline on other seeds: {CONTROL})")
     if "baseline" not in names:
         names = ["baseline", *names]
+    declared = manifest(root)
+    for n in list(names):  # a variant's declared control runs with it (its verdict is also read against that one)
+        control = declared.get(n, {}).get("control")
+        if control and control not in names:
+            names.append(control)
     budget_fracs = parse_budgets(args.budgets) if args.budgets else (QUICK_BUDGETS if args.quick else BUDGETS)
     seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else SEEDS)
     out = args.out or root / "bench_out"
