@@ -214,6 +214,10 @@ PATCH_GROUPS = {  # what each patch's header says its geometry changes
 # (they step from the momentum itself): tests/test_bench_regime.py checks who honours it
 # Each norm_matched control tunes the groups of the variant it controls.
 PATCH_GROUPS |= {f"norm_matched_{name}": groups for name, groups in PATCH_GROUPS.items() if name != "sl"}
+# Issue 22's readings: sphere with its zero rows free, sphere and oblique with q, k, v free (and their controls)
+PATCH_GROUPS |= {"sphere_free": ["q", "k", "v", "mlp_in"], "sphere_qkv_free": ["o", "mlp_in", "mlp_out"],
+                 "oblique_qkv_free": ["mlp_in"]}
+PATCH_GROUPS |= {f"norm_matched_{name}": PATCH_GROUPS[name] for name in ("sphere_qkv_free", "oblique_qkv_free")}
 
 
 def test_the_manifest_declares_the_matrices_each_geometry_changes():

@@ -48,8 +48,8 @@ with it (added to --variants), and the table's `vs its control` column reads the
 baseline (the budget to reach the control's mean final loss at N, over N; seeds paired, both tunings' noise in the
 CI), with Holm's correction over those comparisons as a family of their own.
 Default variants: baseline, adamw, polar_normuon_cwd and every echo* variant whose script exists and whose
-table declares lr, but echo_exact (~2.7x the baseline's step at the bench preset) and the diagnostic echo_oracle:
-name those in --variants.
+table declares lr, but echo_exact (~2.7x the baseline's step at the bench preset), the diagnostic echo_oracle and
+the *_keep_norm entries: name those in --variants.
 Settings of a variant that do not scale down by themselves get bench values when its script has them
 (SCALE_SETTINGS; adamw's warm-up is a share of the run and needs none). Extra `--field=value` options go
 to every run. Runs are cached by a run id that hashes the command, the script's code, the sha256 of the
@@ -561,8 +561,8 @@ def cache_key(script: Path, data_sha: str) -> str:
 
 
 # Ask for these by name: echo_exact is slow (~2.7x the baseline's step at the bench preset), echo_oracle is a
-# diagnostic (its shrinkage reads a large held-out batch every step).
-NOT_BY_DEFAULT = {"echo_exact", "echo_oracle"}
+# diagnostic (its shrinkage reads a large held-out batch every step), the keep_norm entries are issue 22's readings.
+NOT_BY_DEFAULT = {"echo_exact", "echo_oracle", "echo_keep_norm", "echo_exact_keep_norm"}
 
 
 def default_variants(root: Path) -> list[str]:
