@@ -484,7 +484,7 @@ def manifest(root: Path) -> dict[str, dict]:
             entry["control"] = table["control"]
         if "settings" in table:  # fixed settings of this variant alone, passed to each of its runs
             try:
-                entry["settings"] = variants.fixed_settings(name, root)
+                entry["settings"] = variants.settings_args(table["settings"], name, path)
             except variants.VariantError as err:
                 raise SystemExit(f"tools/bench: {err}") from None
         if entry:

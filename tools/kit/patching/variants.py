@@ -65,7 +65,11 @@ def fixed_settings(variant: str, root: str | Path | None = None) -> list[str]:
         table = tomllib.loads(path.read_text(encoding="utf-8")).get(variant, {})
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise VariantError(f"{path}: cannot read manifest: {err}".replace("\n", " ")) from None
-    fixed = table.get("settings", {}) if isinstance(table, dict) else {}
+    return settings_args(table.get("settings", {}) if isinstance(table, dict) else {}, variant, path)
+
+
+def settings_args(fixed: object, variant: str, path: Path) -> list[str]:
+    """An entry's `settings` table (as read from path) -> ["--key=value", ...]; VariantError if it is not one."""
     if not isinstance(fixed, dict) or not all(isinstance(v, str | int | float) for v in fixed.values()):
         raise VariantError(f"{path}: [{variant}] settings must be a table of values, e.g. "
                            'settings = {sphere_step = "geodesic"}')
