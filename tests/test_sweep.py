@@ -96,6 +96,36 @@ def test_sweep_interrupted_after_one_run_resumes_without_rerunning_it(tmp_path, 
     assert third.calls == []  # everything finished: nothing runs again
 
 
+class SeededTrainer(FakeTrainer):
+    """FakeTrainer whose final loss also grows by 0.01 per seed: the seeds' mean and std are known."""
+
+    def __call__(self, cmd, cwd, stdout_path, lock_fd=None):
+        seed = int(option(cmd, "seed"))
+        lr = float(option(cmd, "muon_lr"))
+        code = FakeTrainer.__call__(self, cmd, cwd, stdout_path, lock_fd)
+        log = Path(option(cmd, "log_dir")) / f"{option(cmd, 'run_id')}.txt"
+        final = 3 + abs(math.log10(lr) + 2)
+        log.write_text(log.read_text().replace(f"val_loss:{final:.6f}", f"val_loss:{final + 0.01 * seed:.6f}"))
+        return code
+
+
+def test_seeds_swept_beside_a_field_are_summarised_as_replicates(tmp_path, capsys):
+    argv = ["baseline", "--lr=0.001,0.01", "--seed=0,1,2", "--num_iterations=3", f"--out={tmp_path}"]
+    sweep.run_sweep(sweep.parse_sweep_args(argv), runner=SeededTrainer())
+    with open(tmp_path / "sweep_seeds.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["muon_lr"] for r in rows] == ["0.001", "0.01"]
+    assert [float(r["mean_final_val_loss"]) for r in rows] == pytest.approx([4.01, 3.01])
+    assert [float(r["std"]) for r in rows] == pytest.approx([0.01, 0.01], abs=1e-6)
+    assert [r["n"] for r in rows] == ["3", "3"] and rows[0]["seeds"] == "0 1 2"
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "over seeds" in capsys.readouterr().out
+    # one seed value, or seed alone: nothing to average over beside another field
+    spec = sweep.parse_sweep_args(["baseline", "--lr=0.01", f"--out={tmp_path}"])
+    points = sweep.make_points(spec, Path("x.py"), tmp_path)
+    assert sweep.seed_summary(points, ["muon_lr"]) == []
+
+
 def test_sweep_in_parallel_keeps_grid_order(tmp_path):
     argv = ["baseline", "--lr=0.1,0.01", "--seed=1,2", "--num_iterations=2", "--parallel=2", f"--out={tmp_path}"]
     trainer = FakeTrainer()

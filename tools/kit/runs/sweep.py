@@ -18,7 +18,9 @@ may not vary or override them: sweep the variant they build on). Each grid point
 with ID derived from the variant, the point, ARGS and the script's code. A point whose log holds
 a finished run (a validation at step T/T) is not run again; an interrupted one is rerun (its
 partial log is kept as ID.txt.partial). Results: OUT/sweep.csv, OUT/sweep.png (final val loss
-against each swept value) and a printed table. OUT defaults to sweeps/<variant>_<fields>.
+against each swept value) and a printed table. When --seed is swept beside other fields, the seeds
+are replicates: the plot shows their mean with the std as error bars, and OUT/sweep_seeds.csv holds
+mean, std and n per combination of the other fields. OUT defaults to sweeps/<variant>_<fields>.
 Set OMP_NUM_THREADS=1 when several runs share few cores (--parallel).
 
 Stopping: Ctrl-C (SIGINT) or SIGTERM is passed on to the running training processes, and the sweep
@@ -44,6 +46,7 @@ import itertools
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -540,6 +543,38 @@ def results_table(points: list[Point], fields: list[str]) -> list[dict[str, str]
     return rows
 
 
+SEED_FIELD = "seed"
+
+
+def seed_summary(points: list[Point], fields: list[str]) -> list[dict[str, str]]:
+    """When `seed` is swept beside other fields, the seeds are replicates: one row per combination of
+    the other fields (in grid order) with the mean, the sample std (n - 1) and n of the finished runs'
+    final val loss, and the seeds they came from. Empty when seed is not swept or is the only axis."""
+    if SEED_FIELD not in fields or len(fields) < 2:
+        return []
+    others = [f for f in fields if f != SEED_FIELD]
+    groups: dict[tuple, list[Point]] = {}
+    for p in points:
+        groups.setdefault(tuple(p.values[f] for f in others), []).append(p)
+    rows = []
+    for key, members in groups.items():
+        done = [p for p in members if p.run is not None and p.run.final_val_loss is not None]
+        losses = [p.run.final_val_loss for p in done]
+        n = len(losses)
+        mean = statistics.fmean(losses) if n else None
+        std = statistics.stdev(losses) if n > 1 else None
+        rows.append(
+            {
+                **dict(zip(others, key, strict=True)),
+                "n": str(n),
+                "mean_final_val_loss": "" if mean is None else f"{mean:.6f}",
+                "std": "" if std is None else f"{std:.6f}",
+                "seeds": " ".join(p.values[SEED_FIELD] for p in done),
+            }
+        )
+    return rows
+
+
 def _as_float(text: str) -> float | None:
     try:
         return float(text)
@@ -549,7 +584,9 @@ def _as_float(text: str) -> float | None:
 
 def plot_sweep(path: Path, points: list[Point], fields: list[str], title: str) -> bool:
     """One panel per swept field: final val loss against its value, one line per combination of
-    the other fields. Log x axis when the values are positive numbers spanning 10x or more.
+    the other fields. When `seed` is swept beside other fields, the seeds are replicates, not a panel:
+    each line shows their mean with the sample std as error bars (seed_summary).
+    Log x axis when the values are positive numbers spanning 10x or more.
     Returns False (and writes nothing) when no point has a result."""
     import matplotlib
 
@@ -559,20 +596,27 @@ def plot_sweep(path: Path, points: list[Point], fields: list[str], title: str) -
     done = [p for p in points if p.run is not None and p.run.final_val_loss is not None]
     if not done:
         return False
-    fig, axes = plt.subplots(1, len(fields), figsize=(5 * len(fields), 4), squeeze=False, sharey=True)
-    for ax, f in zip(axes[0], fields, strict=True):
-        others = [g for g in fields if g != f]
-        groups: dict[tuple, list[Point]] = {}
+    replicas = SEED_FIELD in fields and len(fields) > 1
+    panels = [f for f in fields if f != SEED_FIELD] if replicas else fields
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, sharey=True)
+    for ax, f in zip(axes[0], panels, strict=True):
+        others = [g for g in panels if g != f]
+        groups: dict[tuple, dict[str, list[float]]] = {}
         for p in done:
-            groups.setdefault(tuple(p.values[g] for g in others), []).append(p)
+            by_value = groups.setdefault(tuple(p.values[g] for g in others), {})
+            by_value.setdefault(p.values[f], []).append(p.run.final_val_loss)
         numeric = all(_as_float(p.values[f]) is not None for p in done)
         order = sorted({p.values[f] for p in done}, key=lambda v: _as_float(v) if numeric else v)
-        for key, members in groups.items():
-            members = sorted(members, key=lambda p: order.index(p.values[f]))
-            xs = [_as_float(p.values[f]) if numeric else order.index(p.values[f]) for p in members]
-            ys = [p.run.final_val_loss for p in members]
+        for key, by_value in groups.items():
+            values = sorted(by_value, key=order.index)
+            xs = [_as_float(v) if numeric else order.index(v) for v in values]
             label = ", ".join(f"{g}={v}" for g, v in zip(others, key, strict=True)) or None
-            ax.plot(xs, ys, "o-", label=label)
+            if replicas:
+                means = [statistics.fmean(by_value[v]) for v in values]
+                stds = [statistics.stdev(by_value[v]) if len(by_value[v]) > 1 else 0.0 for v in values]
+                ax.errorbar(xs, means, yerr=stds, fmt="o-", capsize=3, label=label)
+            else:
+                ax.plot(xs, [by_value[v][0] for v in values], "o-", label=label)
         if numeric:
             values = [_as_float(v) for v in order]
             if min(values) > 0 and max(values) >= 10 * min(values):
@@ -583,7 +627,7 @@ def plot_sweep(path: Path, points: list[Point], fields: list[str], title: str) -
         ax.grid(alpha=0.3)
         if any(key for key in groups):
             ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("final validation loss")
+    axes[0][0].set_ylabel("final validation loss" + (" (mean +- std over seeds)" if replicas else ""))
     fig.suptitle(title)
     fig.tight_layout()
     atomic_savefig(fig, path)
@@ -624,6 +668,11 @@ def run_sweep(spec: SweepSpec, runner: Runner = subprocess_runner, root: Path | 
     write_csv(out / "sweep.csv", rows)
     print(format_table(rows, [*fields, "final_val_loss", "train_time_s", "status"]))
     print(f"table: {out / 'sweep.csv'}")
+    summary = seed_summary(points, fields)
+    if summary:
+        write_csv(out / "sweep_seeds.csv", summary)
+        print(format_table(summary, list(summary[0])))
+        print(f"over seeds: {out / 'sweep_seeds.csv'}")
     if plot_sweep(out / "sweep.png", points, fields, f"{spec.variant}: final val loss"):
         print(f"plot: {out / 'sweep.png'}")
     failed = [p for p in points if p.run is None]
