@@ -118,6 +118,10 @@ def test_seeds_swept_beside_a_field_are_summarised_as_replicates(tmp_path, capsy
     assert [float(r["mean_final_val_loss"]) for r in rows] == pytest.approx([4.01, 3.01])
     assert [float(r["std"]) for r in rows] == pytest.approx([0.01, 0.01], abs=1e-6)
     assert [r["n"] for r in rows] == ["3", "3"] and rows[0]["seeds"] == "0 1 2"
+    # paired by seed: every seed's difference is exactly -1, so the interval has no width
+    assert [float(r["diff_vs_first"]) for r in rows] == pytest.approx([0.0, -1.0])
+    assert float(rows[1]["diff_ci_low"]) == pytest.approx(-1.0, abs=1e-5) and rows[1]["pairs"] == "3"
+    assert float(rows[1]["diff_ci_high"]) == pytest.approx(-1.0, abs=1e-5)
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert "over seeds" in capsys.readouterr().out
     # one seed value, or seed alone: nothing to average over beside another field

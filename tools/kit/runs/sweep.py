@@ -20,7 +20,8 @@ a finished run (a validation at step T/T) is not run again; an interrupted one i
 partial log is kept as ID.txt.partial). Results: OUT/sweep.csv, OUT/sweep.png (final val loss
 against each swept value) and a printed table. When --seed is swept beside other fields, the seeds
 are replicates: the plot shows their mean with the std as error bars, and OUT/sweep_seeds.csv holds
-mean, std and n per combination of the other fields. OUT defaults to sweeps/<variant>_<fields>.
+mean, std and n per combination of the other fields, and its difference from the first combination
+paired by seed, with a 95% t interval. OUT defaults to sweeps/<variant>_<fields>.
 Set OMP_NUM_THREADS=1 when several runs share few cores (--parallel).
 
 Stopping: Ctrl-C (SIGINT) or SIGTERM is passed on to the running training processes, and the sweep
@@ -549,17 +550,33 @@ SEED_FIELD = "seed"
 def seed_summary(points: list[Point], fields: list[str]) -> list[dict[str, str]]:
     """When `seed` is swept beside other fields, the seeds are replicates: one row per combination of
     the other fields (in grid order) with the mean, the sample std (n - 1) and n of the finished runs'
-    final val loss, and the seeds they came from. Empty when seed is not swept or is the only axis."""
+    final val loss, and the seeds they came from; and each row against the first, paired by seed (the
+    seed sets the initialization and, where the script shuffles, the data order): the mean of the
+    per-seed differences with its 95% t interval over the seeds both finished (df = pairs - 1).
+    Empty when seed is not swept or is the only axis."""
     if SEED_FIELD not in fields or len(fields) < 2:
         return []
     others = [f for f in fields if f != SEED_FIELD]
     groups: dict[tuple, list[Point]] = {}
     for p in points:
         groups.setdefault(tuple(p.values[f] for f in others), []).append(p)
+    from scipy import stats as scipy_stats
+
+    def by_seed(members: list[Point]) -> dict[str, float]:
+        return {p.values[SEED_FIELD]: p.run.final_val_loss for p in members
+                if p.run is not None and p.run.final_val_loss is not None}
+
+    reference = by_seed(next(iter(groups.values())))
     rows = []
     for key, members in groups.items():
         done = [p for p in members if p.run is not None and p.run.final_val_loss is not None]
         losses = [p.run.final_val_loss for p in done]
+        mine = by_seed(members)
+        diffs = [mine[seed] - reference[seed] for seed in mine if seed in reference]
+        low = high = ""
+        if len(diffs) > 1:
+            half = float(scipy_stats.t.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs) / len(diffs) ** 0.5
+            low, high = f"{statistics.fmean(diffs) - half:.6f}", f"{statistics.fmean(diffs) + half:.6f}"
         n = len(losses)
         mean = statistics.fmean(losses) if n else None
         std = statistics.stdev(losses) if n > 1 else None
@@ -570,6 +587,10 @@ def seed_summary(points: list[Point], fields: list[str]) -> list[dict[str, str]]
                 "mean_final_val_loss": "" if mean is None else f"{mean:.6f}",
                 "std": "" if std is None else f"{std:.6f}",
                 "seeds": " ".join(p.values[SEED_FIELD] for p in done),
+                "diff_vs_first": f"{statistics.fmean(diffs):.6f}" if diffs else "",
+                "diff_ci_low": low,
+                "diff_ci_high": high,
+                "pairs": str(len(diffs)),
             }
         )
     return rows
