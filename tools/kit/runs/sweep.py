@@ -619,6 +619,8 @@ def plot_sweep(path: Path, points: list[Point], fields: list[str], title: str) -
         return False
     replicas = SEED_FIELD in fields and len(fields) > 1
     panels = [f for f in fields if f != SEED_FIELD] if replicas else fields
+    varied = [f for f in panels if len({p.values[f] for p in done}) > 1]  # a single-value axis makes no panel
+    panels = varied or panels
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, sharey=True)
     for ax, f in zip(axes[0], panels, strict=True):
         others = [g for g in panels if g != f]
