@@ -124,7 +124,7 @@ def test_seeds_swept_beside_a_field_are_summarised_as_replicates(tmp_path, capsy
     assert float(rows[1]["diff_ci_high"]) == pytest.approx(-1.0, abs=1e-5)
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert "over seeds" in capsys.readouterr().out
-    # one seed value, or seed alone: nothing to average over beside another field
+    # seed not swept: no replicates, no summary
     spec = sweep.parse_sweep_args(["baseline", "--lr=0.01", f"--out={tmp_path}"])
     points = sweep.make_points(spec, Path("x.py"), tmp_path)
     assert sweep.seed_summary(points, ["muon_lr"]) == []

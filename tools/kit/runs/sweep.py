@@ -556,38 +556,34 @@ def seed_summary(points: list[Point], fields: list[str]) -> list[dict[str, str]]
     Empty when seed is not swept or is the only axis."""
     if SEED_FIELD not in fields or len(fields) < 2:
         return []
-    others = [f for f in fields if f != SEED_FIELD]
-    groups: dict[tuple, list[Point]] = {}
-    for p in points:
-        groups.setdefault(tuple(p.values[f] for f in others), []).append(p)
     from scipy import stats as scipy_stats
 
-    def by_seed(members: list[Point]) -> dict[str, float]:
-        return {p.values[SEED_FIELD]: p.run.final_val_loss for p in members
-                if p.run is not None and p.run.final_val_loss is not None}
+    from kit.runs.stats import summarize
 
-    reference = by_seed(next(iter(groups.values())))
+    others = [f for f in fields if f != SEED_FIELD]
+    groups: dict[tuple, dict[str, float]] = {}  # the other fields' values -> {seed: final loss of a finished run}
+    for p in points:
+        finished = groups.setdefault(tuple(p.values[f] for f in others), {})
+        if p.run is not None and p.run.final_val_loss is not None:
+            finished[p.values[SEED_FIELD]] = p.run.final_val_loss
+    reference = next(iter(groups.values()))
     rows = []
-    for key, members in groups.items():
-        done = [p for p in members if p.run is not None and p.run.final_val_loss is not None]
-        losses = [p.run.final_val_loss for p in done]
-        mine = by_seed(members)
-        diffs = [mine[seed] - reference[seed] for seed in mine if seed in reference]
+    for key, finished in groups.items():
+        own = summarize(list(finished.values())) if finished else None
+        diffs = [loss - reference[seed] for seed, loss in finished.items() if seed in reference]
+        paired = summarize(diffs) if diffs else None
         low = high = ""
-        if len(diffs) > 1:
-            half = float(scipy_stats.t.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs) / len(diffs) ** 0.5
-            low, high = f"{statistics.fmean(diffs) - half:.6f}", f"{statistics.fmean(diffs) + half:.6f}"
-        n = len(losses)
-        mean = statistics.fmean(losses) if n else None
-        std = statistics.stdev(losses) if n > 1 else None
+        if paired is not None and paired.n > 1:
+            half = float(scipy_stats.t.ppf(0.975, paired.n - 1)) * paired.std / paired.n ** 0.5
+            low, high = f"{paired.mean - half:.6f}", f"{paired.mean + half:.6f}"
         rows.append(
             {
                 **dict(zip(others, key, strict=True)),
-                "n": str(n),
-                "mean_final_val_loss": "" if mean is None else f"{mean:.6f}",
-                "std": "" if std is None else f"{std:.6f}",
-                "seeds": " ".join(p.values[SEED_FIELD] for p in done),
-                "diff_vs_first": f"{statistics.fmean(diffs):.6f}" if diffs else "",
+                "n": str(len(finished)),
+                "mean_final_val_loss": "" if own is None else f"{own.mean:.6f}",
+                "std": "" if own is None or own.n < 2 else f"{own.std:.6f}",
+                "seeds": " ".join(finished),
+                "diff_vs_first": "" if paired is None else f"{paired.mean:.6f}",
                 "diff_ci_low": low,
                 "diff_ci_high": high,
                 "pairs": str(len(diffs)),
@@ -606,7 +602,8 @@ def _as_float(text: str) -> float | None:
 def plot_sweep(path: Path, points: list[Point], fields: list[str], title: str) -> bool:
     """One panel per swept field: final val loss against its value, one line per combination of
     the other fields. When `seed` is swept beside other fields, the seeds are replicates, not a panel:
-    each line shows their mean with the sample std as error bars (seed_summary).
+    each line shows their mean with the sample std as error bars (the figures sweep_seeds.csv holds).
+    A field swept at one value gets no panel of its own.
     Log x axis when the values are positive numbers spanning 10x or more.
     Returns False (and writes nothing) when no point has a result."""
     import matplotlib
