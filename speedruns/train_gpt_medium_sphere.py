@@ -70,7 +70,7 @@ class Hyperparameters:
     sphere_step: str = "geodesic"  # geodesic: along the great circle; project: Muon step, then renormalize
     sphere_angle: str = "norm"  # geodesic angle: lr * |tangent row| / radius ("norm") or lr radians ("lr")
     sphere_every: int = 1  # renormalize the rows every k steps (0: never; 1: every step)
-    sphere_zero_rows: str = "enter"  # rows that start at zero (o, MLP out): "enter" a sphere or stay "free"
+    sphere_zero_rows: str = "free"  # rows that start at zero (o, MLP out): stay "free" or "enter" a sphere
     manifold_qkv: int = 1  # 0: q, k, v take the baseline's Muon step (the loss cannot see a head's q, k, v scale)
     # Adam, for the head, the embeddings and the scalars
     head_lr: float = 1 / 320
@@ -680,7 +680,7 @@ def sphere_geodesic(W, T, angle, radius):
     return W * angle.cos() + radius * (T / t_norm.clamp_min(1e-30)) * angle.sin()
 
 
-def sphere_step_(W, U, lr, decay, state, step, angle, every, zero_rows="enter", free=None):
+def sphere_step_(W, U, lr, decay, state, step, angle, every, zero_rows="free", free=None):
     """One step of W [..., m, n] (fp32, in place) with each row on its sphere, along the Muon update U.
 
     The radii are the rows' norms at the first step. A row that starts at zero (o and the MLP out: their

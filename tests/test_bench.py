@@ -206,7 +206,8 @@ def test_verdicts():
 
 
 PATCH_GROUPS = {  # what each patch's header says its geometry changes
-    "sphere": ["q", "k", "v", "o", "mlp_in", "mlp_out"],  # zero rows (o, MLP out) enter spheres by default
+    "sphere": ["q", "k", "v", "mlp_in"],  # the zero rows (o, MLP out) stay free by default
+    "sphere_enter": ["q", "k", "v", "o", "mlp_in", "mlp_out"],  # ... or enter spheres
     "oblique": ["q", "k", "v", "mlp_in"],
     "sl": ["q", "k", "v"],  # square matrices only; o starts at zero
     "block_stiefel": ["q", "k", "v"],  # o takes the baseline's step
@@ -214,9 +215,8 @@ PATCH_GROUPS = {  # what each patch's header says its geometry changes
 # (they step from the momentum itself): tests/test_bench_regime.py checks who honours it
 # Each norm_matched control tunes the groups of the variant it controls.
 PATCH_GROUPS |= {f"norm_matched_{name}": groups for name, groups in PATCH_GROUPS.items() if name != "sl"}
-# Issue 22's readings: sphere with its zero rows free, sphere and oblique with q, k, v free (and their controls)
-PATCH_GROUPS |= {"sphere_free": ["q", "k", "v", "mlp_in"], "sphere_qkv_free": ["o", "mlp_in", "mlp_out"],
-                 "oblique_qkv_free": ["mlp_in"]}
+# Issue 22's readings: sphere and oblique with q, k, v free (and their controls)
+PATCH_GROUPS |= {"sphere_qkv_free": ["mlp_in"], "oblique_qkv_free": ["mlp_in"]}
 PATCH_GROUPS |= {f"norm_matched_{name}": PATCH_GROUPS[name] for name in ("sphere_qkv_free", "oblique_qkv_free")}
 
 
