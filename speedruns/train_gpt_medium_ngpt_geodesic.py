@@ -731,6 +731,27 @@ def store_master(p, state, master):
         state["mantissa"].copy_((bits & 0xFFFF).short())
 
 
+def muon_matrix_step_(master, grad, buf, m, decay, lr_mul, lr):
+    """One matrix's Muon step, in place on its fp32 master weight, momentum buffer and gradient (fp32):
+    buf <- m buf + (1 - m) grad; U = msign(m buf + (1 - m) grad) (Nesterov); master <- decay master - lr lr_mul U.
+    Tensors and numbers only, so that on the CUDA path main() compiles it as one function (record #8's): one graph
+    per matrix shape (see numbers_as_tensors)."""
+    buf.lerp_(grad, 1 - m)
+    update = orthogonalize(grad.lerp_(buf, m))
+    master.mul_(decay)
+    master.add_(update.float() * lr_mul, alpha=-lr)
+
+
+def numbers_as_tensors(compiled_step):
+    """muon_matrix_step_ compiled, called with its numbers (m, decay, lr) as 0-dim fp32 tensors on the weight's
+    device: the compiled graph takes them as inputs, where a number would be a constant of the graph and each
+    step's new lr or momentum would recompile it. (Eager keeps numbers: they round as the variants' updates do.)"""
+    def step(master, grad, buf, *numbers):
+        numbers = (torch.as_tensor(x, dtype=torch.float32, device=master.device) for x in numbers)
+        return compiled_step(master, grad, buf, *numbers)
+    return step
+
+
 class Muon(torch.optim.Optimizer):
     """Momentum orthogonalized by Newton-Schulz, for 2D (or stacked 2D) matrices.
 
@@ -751,14 +772,11 @@ class Muon(torch.optim.Optimizer):
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-        buf, m = state["momentum_buffer"], group["momentum"]
-        grad = p.grad.float()
-        buf.lerp_(grad, 1 - m)
-        update = orthogonalize(grad.lerp_(buf, m))  # Nesterov: m * buf + (1 - m) * grad
         scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
         master = fp32_master(p, state)
-        master.mul_(1 - group["lr"] * group["weight_decay"] * group["wd_mul"])
-        master.add_(update.float() * group["lr_mul"], alpha=-group["lr"] * scale)
+        decay = 1 - group["lr"] * group["weight_decay"] * group["wd_mul"]
+        muon_matrix_step_(master, p.grad.float(), state["momentum_buffer"], group["momentum"], decay, group["lr_mul"],
+                          group["lr"] * scale)
         store_master(p, state, master)
 
     @torch.no_grad()
@@ -1170,7 +1188,7 @@ def print_help():
 
 
 def main(argv=None):
-    global orthogonalize
+    global orthogonalize, muon_matrix_step_
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # record #8's, before CUDA starts
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
@@ -1204,6 +1222,7 @@ def main(argv=None):
         model_forward = torch.compile(model, dynamic=False)
     if args.compile and cuda_path(args, device):  # as record #8
         orthogonalize = torch.compile(orthogonalize, dynamic=False)  # one graph per matrix shape
+        muon_matrix_step_ = numbers_as_tensors(torch.compile(muon_matrix_step_, dynamic=False))  # the whole update
         torch._dynamo.config.compiled_autograd = True
         torch._inductor.config.coordinate_descent_tuning = args.coordinate_descent and device.type == "cuda"
     save_at = checkpoint_steps(args.checkpoint_every, args.num_iterations)

@@ -4,10 +4,10 @@
 
 Compiles with the aot_eager backend: dynamo's tracing and AOT autograd run as on the GPU, without inductor's code
 generation (minutes on a CPU; the compiled FlexAttention test covers inductor). After the run each process
-prints one line, `rehearsal: {json}`, with the number of compiled frames, graph breaks and compiled-autograd captures.
+prints one line, `rehearsal: {json}`, with the number of compiled frames (in all and by compiled function), graph
+breaks and compiled-autograd captures.
 """
 
-import functools
 import importlib.util
 import json
 import os
@@ -25,10 +25,19 @@ def main():
     sys.modules[spec.name] = script
     spec.loader.exec_module(script)
     counter = CompileCounterWithBackend("aot_eager")
-    script.torch.compile = functools.partial(torch.compile, backend=counter)
+    compile_ = torch.compile  # script.torch is torch: keep the real one
+    by_function = {}  # frames compiled for each function (or module) passed to torch.compile, by its name
 
+    def compile_counted(fn, **kwargs):
+        mine = CompileCounterWithBackend("aot_eager")
+        by_function.setdefault(getattr(fn, "__name__", type(fn).__name__), []).append(mine)
+        return compile_(fn, backend=mine, **kwargs)
+
+    script.torch.compile = compile_counted
     script.main(argv)
-    print("rehearsal: " + json.dumps({"frames": counter.frame_count,
+    frames = {name: sum(c.frame_count for c in cs) for name, cs in by_function.items()}
+    counter.frame_count = sum(frames.values())
+    print("rehearsal: " + json.dumps({"frames": counter.frame_count, "frames_by_function": frames,
                                       "graph_breaks": sum(counters["graph_break"].values()),
                                       "compiled_autograd": sum(counters["compiled_autograd"].values())}), flush=True)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -62,6 +62,47 @@ def test_compiled_newton_schulz_compiles_once_per_matrix_shape(baseline):
     assert counter.frame_count == len(shapes)
 
 
+def test_compiled_muon_update_compiles_once_per_matrix_shape_over_the_schedule(baseline, monkeypatch):
+    """main() on the CUDA path compiles muon_matrix_step_, a matrix's whole Muon update, as one function
+    (dynamic=False): four Muon steps of the bench model, with the schedule's lr and momentum new at every step and
+    fp32 and bf16 (mantissa) weights, compile one graph per matrix shape and give the eager steps' weights."""
+    def train(step_fn, bf16):
+        args = baseline.parse_args(["--preset=bench"])
+        torch.manual_seed(0)
+        model = baseline.GPT(args)
+        if bf16:
+            for group in baseline.muon_param_groups(model, ""):
+                for p in group["params"]:
+                    p.data = p.data.bfloat16()
+        monkeypatch.setattr(baseline, "muon_matrix_step_", step_fn)
+        muon, _ = baseline.build_optimizers(model, args, 0, 1)
+        g = torch.Generator().manual_seed(1)
+        for step in range(4):
+            for group in muon.param_groups:
+                group["lr"] = group["initial_lr"] * (1 - 0.2 * step)
+                group["momentum"] = 0.85 + 0.03 * step
+                for p in group["params"]:
+                    p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            muon.step()
+        return muon
+    eager_step = baseline.muon_matrix_step_
+    for bf16 in (False, True):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        compiled = train(baseline.numbers_as_tensors(torch.compile(eager_step, backend=counter, dynamic=False)), bf16)
+        eager = train(eager_step, bf16)
+        shapes = {tuple(p.shape) for group in compiled.param_groups for p in group["params"]}
+        assert counter.frame_count == len(shapes) == 3, (counter.frame_count, shapes)
+        for group, eager_group in zip(compiled.param_groups, eager.param_groups, strict=True):
+            for p, q in zip(group["params"], eager_group["params"], strict=True):
+                assert p.dtype == (torch.bfloat16 if bf16 else torch.float32)
+                # the fp32 master weights (a bf16 weight's 16 bits may round the other way where the tensors'
+                # 1 - m and decay, in fp32, differ from the numbers' in fp64 by an ulp)
+                torch.testing.assert_close(baseline.fp32_master(p, compiled.state[p]),
+                                           baseline.fp32_master(q, eager.state[q]), rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(compiled.state[p]["momentum_buffer"], eager.state[q]["momentum_buffer"])
+
+
 def test_two_process_cuda_step_equals_one_fp32_process(baseline, bench_data, tmp_path):
     """The CUDA path's step logic (--rehearse_cuda=1: bf16 weights with their mantissa, bf16 head, one sequence per
     forward, compiled model and Newton-Schulz, the warm-up undone, gradients reduced while Adam steps, in-place async
@@ -79,6 +120,9 @@ def test_two_process_cuda_step_equals_one_fp32_process(baseline, bench_data, tmp
     counts = [json.loads(line.split("rehearsal: ", 1)[1]) for line in rehearsal.stdout.splitlines()
               if line.startswith("rehearsal: ")]
     assert len(counts) == 2 and all(c["frames"] == 5 and c["graph_breaks"] == 0 for c in counts), counts
+    # the model's training and validation graphs; Muon's whole matrix update (Newton-Schulz inlined), one per shape
+    frames = {"GPT": 2, "orthogonalize": 0, "muon_matrix_step_": 3}
+    assert all(c["frames_by_function"] == frames for c in counts), counts
     reference = subprocess.run(
         [sys.executable, str(BASELINE), *common, "--run_id=fp32", "--fuse_micro_batches=0"],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
