@@ -217,6 +217,7 @@ PATCH_GROUPS = {  # what each patch's header says its geometry changes
 PATCH_GROUPS |= {f"norm_matched_{name}": groups for name, groups in PATCH_GROUPS.items() if name != "sl"}
 # Issue 22's readings: sphere and oblique with q, k, v free (and their controls)
 PATCH_GROUPS |= {"sphere_qkv_free": ["mlp_in"], "oblique_qkv_free": ["mlp_in"]}
+PATCH_GROUPS |= {"baseline_qkv_lr": ["q", "k", "v"]}  # sl's control: the baseline, q, k, v's rate tuned alone
 PATCH_GROUPS |= {f"norm_matched_{name}": PATCH_GROUPS[name] for name in ("sphere_qkv_free", "oblique_qkv_free")}
 
 
