@@ -37,9 +37,11 @@ def main():
     script.main(argv)
     frames = {name: sum(c.frame_count for c in cs) for name, cs in by_function.items()}
     counter.frame_count = sum(frames.values())
-    print("rehearsal: " + json.dumps({"frames": counter.frame_count, "frames_by_function": frames,
-                                      "graph_breaks": sum(counters["graph_break"].values()),
-                                      "compiled_autograd": sum(counters["compiled_autograd"].values())}), flush=True)
+    line = "rehearsal: " + json.dumps({"frames": counter.frame_count, "frames_by_function": frames,
+                                       "graph_breaks": sum(counters["graph_break"].values()),
+                                       "compiled_autograd": sum(counters["compiled_autograd"].values())})
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (line + "\n").encode())  # one write (< PIPE_BUF): the two ranks' lines never mix
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         os._exit(0)  # as the scripts do: gloo's teardown sometimes aborts after a complete run
 

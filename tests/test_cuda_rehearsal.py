@@ -6,6 +6,7 @@ is the compiled Newton-Schulz iteration's one graph per matrix shape."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,8 +118,9 @@ def test_two_process_cuda_step_equals_one_fp32_process(baseline, bench_data, tmp
          "--rehearse_cuda=1", "--compile=1", "--warmup_steps=2"],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert rehearsal.returncode == 0, rehearsal.stdout[-2000:] + rehearsal.stderr[-3000:]
-    counts = [json.loads(line.split("rehearsal: ", 1)[1]) for line in rehearsal.stdout.splitlines()
-              if line.startswith("rehearsal: ")]
+    decoder = json.JSONDecoder()  # each JSON object read where it starts (robust to another rank's text around it)
+    counts = [decoder.raw_decode(rehearsal.stdout, m.end())[0]
+              for m in re.finditer("rehearsal: ", rehearsal.stdout)]
     assert len(counts) == 2 and all(c["frames"] == 5 and c["graph_breaks"] == 0 for c in counts), counts
     # the model's training and validation graphs; Muon's whole matrix update (Newton-Schulz inlined), one per shape
     frames = {"GPT": 2, "orthogonalize": 0, "muon_matrix_step_": 3}
