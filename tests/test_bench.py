@@ -501,6 +501,52 @@ def test_a_killed_bench_resumes_with_only_the_missing_runs(repo, tmp_path):
     assert read_csv(tmp_path / "bench.csv") == read_csv(tmp_path / "fresh" / "bench.csv")
 
 
+def test_a_journal_lets_a_fresh_out_folder_rerun_nothing_and_killed_runs_are_kept_one_by_one(repo, tmp_path):
+    """--journal keeps each finished run as it ends: a bench killed half-way, then resumed into a new OUT (the
+    old one lost, as on a fresh clone), runs only what the journal lacks, and writes the same table as a bench
+    that never stopped; --reuse reads a committed bench_runs.csv the same way, and a run of changed code is not
+    taken from it (its run id differs)."""
+    speeds = {"baseline": 1.0, "adamw": 0.7}
+    argv, journal = [*ARGS, "--variants=baseline,adamw"], tmp_path / "journal.csv"
+    dying = FakeTrainer(speeds, {}, die_on_call=6)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main([*argv, f"--out={tmp_path / 'a'}", f"--journal={journal}"], runner=dying, root=repo)
+    kept = list(csv.DictReader(journal.open()))
+    assert len(kept) == 5 and {r["final_val_loss"] for r in kept} != {""}  # five finished; the killed one not
+    resumed = FakeTrainer(speeds, {})
+    bench.main([*argv, f"--out={tmp_path / 'b'}", f"--journal={journal}"], runner=resumed, root=repo)
+    fresh = FakeTrainer(speeds, {})
+    bench.main([*argv, f"--out={tmp_path / 'fresh'}"], runner=fresh, root=repo)
+    assert len(resumed.calls) == len(fresh.calls) - 5
+    assert read_csv(tmp_path / "b" / "bench.csv") == read_csv(tmp_path / "fresh" / "bench.csv")
+    assert sum(r["status"] == "journal" for r in runs_csv(tmp_path / "b")) == 5
+    assert len(list(csv.DictReader(journal.open()))) == len(fresh.calls)
+
+    def no_training(cmd, cwd, stdout_path):
+        raise AssertionError("every run is in the committed bench_runs.csv")
+
+    committed = tmp_path / "fresh" / "bench_runs.csv"
+    bench.main([*argv, f"--out={tmp_path / 'c'}", f"--reuse={committed}"], runner=no_training, root=repo)
+    assert read_csv(tmp_path / "c" / "bench.csv") == read_csv(tmp_path / "fresh" / "bench.csv")
+    script = repo / "speedruns" / "train_gpt_medium_adamw.py"
+    script.write_text(script.read_text() + "\n# changed\n")
+    changed = FakeTrainer(speeds, {})
+    bench.main([*argv, f"--out={tmp_path / 'd'}", f"--reuse={committed}"], runner=changed, root=repo)
+    assert changed.calls and all("adamw" in " ".join(map(str, c)) for c in changed.calls)
+
+
+def test_journal_and_reuse_refuse_bad_files_in_one_line(repo, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("variant,loss\nbaseline,1.0\n")
+    with pytest.raises(SystemExit, match="not a run journal"):
+        bench.main([*ARGS, f"--out={tmp_path / 'o'}", f"--reuse={bad}"], runner=None, root=repo)
+    with pytest.raises(SystemExit, match="no such file"):
+        bench.main([*ARGS, f"--out={tmp_path / 'o'}", f"--reuse={tmp_path / 'missing.csv'}"], runner=None, root=repo)
+    bad.write_text("run_id,final_val_loss\nx,1.0\ny,oops\n")
+    with pytest.raises(SystemExit, match="line 3"):
+        bench.main([*ARGS, f"--out={tmp_path / 'o'}", f"--journal={bad}"], runner=None, root=repo)
+
+
 def test_sigterm_stops_the_bench_after_the_running_trainings(repo, tmp_path, capsys):
     """A SIGTERM during a run: no further run starts, the bench exits 128 + 15, and the same command later
     runs only what is missing."""

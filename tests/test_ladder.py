@@ -299,9 +299,13 @@ def ladder_args(tmp_path, *extra):
 
 
 def test_ladder_runs_rungs_writes_csvs_transfers_rates_and_resumes(repo, tmp_path, capsys):
+    import shutil
+
     first = FakeTrainer(die_on_call=30)  # killed part-way through rung r1
     with pytest.raises(KeyboardInterrupt):
         ladder.main(ladder_args(tmp_path), runner=first, root=repo, rungs=RUNGS)
+    assert len(read_csv(tmp_path / "csv" / "ladder_journal.csv")) == 29  # each finished run kept as it ended
+    shutil.rmtree(tmp_path / "out")  # and the runs' folder lost (a fresh clone): the journal alone resumes
     second = FakeTrainer()
     ladder.main(ladder_args(tmp_path), runner=second, root=repo, rungs=RUNGS)
     done_first = {option(c, "run_id") for c in first.calls[:-1]}
@@ -348,19 +352,20 @@ def test_ladder_runs_rungs_writes_csvs_transfers_rates_and_resumes(repo, tmp_pat
     ladder.main(ladder_args(tmp_path), runner=third, root=repo, rungs=RUNGS)
     assert third.calls == [] and (tmp_path / "csv" / "ladder.csv").read_text() == before
 
-    import shutil  # the runs' folder lost (another sitting, another machine): the CSV's plans still say done
-
+    # the runs' folder lost again (another sitting, another machine): the CSV's plans still say done
     shutil.rmtree(tmp_path / "out")
     fourth = FakeTrainer()
     ladder.main(ladder_args(tmp_path), runner=fourth, root=repo, rungs=RUNGS)
     assert fourth.calls == []
 
-    # a changed script changes the plan: its rung is rerun (the cache is gone, so every run of it)
+    # a changed script changes the plan: its rung is rerun, and of it only the changed script's runs (the
+    # others' run ids are in the journal; the changed script's ids are new)
     script = repo / "speedruns" / "train_gpt_medium_polar_normuon_cwd.py"
     script.write_text(script.read_text() + "\n# changed\n")
     fifth = FakeTrainer()
     ladder.main([*ladder_args(tmp_path), "--rungs=r1"], runner=fifth, root=repo, rungs=RUNGS)
-    assert fifth.calls and len(read_csv(tmp_path / "csv" / "ladder.csv")) == 6
+    assert fifth.calls and {FakeTrainer.variant(c) for c in fifth.calls} == {"polar_normuon_cwd"}
+    assert len(read_csv(tmp_path / "csv" / "ladder.csv")) == 6
 
 
 def test_report_draws_the_figure_from_the_csv_alone(tmp_path, capsys):

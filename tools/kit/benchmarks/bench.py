@@ -55,7 +55,10 @@ Settings of a variant that do not scale down by themselves get bench values when
 to every run. Runs are cached by a run id that hashes the command, the script's code, the sha256 of the
 data files the run reads (train and val shards), torch's version and OMP_NUM_THREADS: a rerun (after a
 kill, or with more seeds) runs only what is missing, and `--report` reads only runs of the scripts as
-they are now (after a code change it finds none).
+they are now (after a code change it finds none). The logs stay in OUT; `--journal=FILE` also keeps each
+finished run's result in a small CSV (commit it), from which a later bench on a fresh clone takes every run
+whose id it holds, and `--reuse=FILE,...` reads such results from journals and committed bench_runs.csv /
+ladder_runs.csv files (status `journal` in bench_runs.csv).
 Stopping: SIGINT or SIGTERM is passed on to the running trainings; no further run starts, and the
 bench exits (128 + signal) once they have; a second signal kills them. The same command resumes.
 Locks: the bench holds OUT/.bench.lock (with its pid) while it runs, so a second bench on OUT refuses;
@@ -69,6 +72,7 @@ claims and no control verdicts.
 from __future__ import annotations
 
 import contextlib
+import csv
 import glob
 import hashlib
 import importlib.metadata
@@ -93,6 +97,7 @@ from core.files import atomic_savefig, atomic_write_text, write_csv
 from kit.patching import variants
 from kit.runs import stats, sweep
 from kit.runs.compare import group_curve
+from kit.runs.logs import Run, Validation
 from kit.runs.sweep import (
     CHILDREN,
     Interrupted,
@@ -679,17 +684,89 @@ class Progress:
                   f"lr {fmt_lr(r.lr)}: {result}; {eta}", flush=True)
 
 
+JOURNAL_COLUMNS = ("run_id", "variant", "role", "seed", "budget", "lr", "final_val_loss", "train_time_s")
+
+
+class Journal:
+    """Finished runs kept in CSV files by run id, so a later sitting (a fresh clone, OUT lost) reruns nothing.
+
+    A file is read when it has the columns run_id and final_val_loss (a journal, bench_runs.csv,
+    ladder_runs.csv); a row with an empty final_val_loss (a run that failed or did not run) is skipped. The run
+    id hashes the command, the script's code, the data, torch's version and the thread count (cache_key), so a
+    row found under a run's id is that run's result: the CPU path is deterministic, and the bench reads nothing
+    of a run but its final val loss and time. `path` (or None): the journal this bench appends each newly
+    finished run to (rewritten atomically after each run; it is also read)."""
+
+    def __init__(self, sources: Sequence[Path] = (), path: Path | None = None):
+        self.path, self.rows, self.lock = path, {}, threading.Lock()
+        for src in [*sources, *([path] if path is not None else [])]:
+            self.rows |= self.read(src)
+
+    @staticmethod
+    def read(src: Path) -> dict[str, dict[str, str]]:
+        """{run_id: row} of the finished runs in src (nothing when src does not exist), or a one-line SystemExit."""
+        if not src.exists():
+            return {}
+        try:
+            with open(src, newline="") as f:
+                rows = list(csv.DictReader(f))
+        except (OSError, UnicodeDecodeError, csv.Error) as err:
+            _refuse(f"cannot read the run journal {src}: {err}")
+        if rows and not {"run_id", "final_val_loss"} <= set(rows[0]):
+            _refuse(f"{src} is not a run journal: it has no run_id and final_val_loss columns (give a journal, "
+                    "a bench_runs.csv or a ladder_runs.csv)")
+        kept = {}
+        for i, row in enumerate(rows, start=2):
+            if not row.get("run_id") or not row.get("final_val_loss"):
+                continue
+            try:
+                float(row["final_val_loss"]), float(row.get("train_time_s") or 0)
+            except ValueError:
+                _refuse(f"{src} line {i}: final_val_loss {row['final_val_loss']!r} or train_time_s "
+                        f"{row.get('train_time_s')!r} is not a number; fix or delete that row")
+            kept[row["run_id"]] = row
+        return kept
+
+    def run(self, r: BenchRun) -> Run | None:
+        """The journal's result for r as a finished run of r.steps steps, or None."""
+        row = self.rows.get(r.point.run_id)
+        if row is None:
+            return None
+        t_ms = float(row.get("train_time_s") or 0) * 1000.0
+        return Run(num_iterations=r.steps, last_step=r.steps, train_time_ms=t_ms,
+                   validations=[Validation(r.steps, float(row["final_val_loss"]), t_ms)])
+
+    def add(self, r: BenchRun) -> None:
+        """Keep r's result (a finished run) and rewrite the journal file, if this bench keeps one."""
+        if self.path is None or r.point.run is None:
+            return
+        run = r.point.run
+        row = {"run_id": r.point.run_id, "variant": r.variant, "role": r.role, "seed": str(r.seed),
+               "budget": str(r.steps), "lr": fmt_lr(r.lr), "final_val_loss": f"{run.final_val_loss:.6f}",
+               "train_time_s": f"{run.train_time_s:.1f}"}
+        with self.lock:
+            self.rows[r.point.run_id] = row
+            mine = [{c: x.get(c, "") for c in JOURNAL_COLUMNS} for x in self.read(self.path).values()]
+            mine = [x for x in mine if x["run_id"] != row["run_id"]] + [row]
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_csv(self.path, mine)
+
+
 def execute(runs: list[BenchRun], root: Path, parallel: int, runner: Runner, progress: Progress,
-            report_only: bool = False) -> None:
-    """Run those runs whose log holds no finished run, `parallel` at a time; cached ones are counted done.
-    report_only: run nothing, mark the missing runs 'not run'."""
-    todo = []
+            report_only: bool = False, journal: Journal | None = None) -> None:
+    """Run those runs whose log holds no finished run and whose id the journal does not hold, `parallel` at a
+    time; cached and journalled ones are counted done. report_only: run nothing, mark the missing runs 'not run'."""
+    todo, reused = [], 0
     for r in runs:
         r.point.run = finished_run(r.point.log_path)
         r.point.status = "cached" if r.point.run is not None else "pending"
+        if r.point.run is None and journal is not None:
+            r.point.run = journal.run(r)
+            if r.point.run is not None:
+                r.point.status, reused = "journal", reused + 1
         if r.point.run is None:
             todo.append(r)
-    cached = len(runs) - len(todo)
+    cached = len(runs) - len(todo) - reused
     if report_only:
         for r in todo:
             r.point.status = "not run"
@@ -697,6 +774,8 @@ def execute(runs: list[BenchRun], root: Path, parallel: int, runner: Runner, pro
     if cached:
         print(f"{cached} run(s) already finished in {root if not runs else runs[0].point.log_path.parent}: reused",
               flush=True)
+    if reused:
+        print(f"{reused} run(s) found in the run journal by run id: reused", flush=True)
     progress.add(todo)
     # the real runner gets the run's lock fd (the training inherits it); a test's fake runner takes none
     launch = runner if runner is subprocess_runner else lambda cmd, cwd, out, fd: runner(cmd, cwd, out)
@@ -714,6 +793,8 @@ def execute(runs: list[BenchRun], root: Path, parallel: int, runner: Runner, pro
             rc = launch(r.point.cmd, root, r.point.stdout_path, fd)
         r.point.run = finished_run(r.point.log_path)
         r.point.status = "done" if r.point.run is not None else f"FAILED (exit {rc}; see {r.point.stdout_path})"
+        if journal is not None:
+            journal.add(r)
         progress.finish(r, time.monotonic() - started)
 
     if parallel <= 1:
@@ -749,13 +830,14 @@ class Context:
     runner: Runner
     progress: Progress
     report_only: bool
+    journal: Journal | None = None
     runs: list[BenchRun] = field(default_factory=list)
 
     def make(self, role: str, v: Variant, seed: int, steps: int, lr: float, base_lr: float) -> BenchRun:
         return make_run(role, v, seed, steps, lr, self.base_args, self.out, base_lr)
 
     def execute(self, runs: list[BenchRun]) -> None:
-        execute(runs, self.root, self.parallel, self.runner, self.progress, self.report_only)
+        execute(runs, self.root, self.parallel, self.runner, self.progress, self.report_only, self.journal)
         self.runs += runs
 
 
@@ -1131,7 +1213,7 @@ def budget_steps(budget_n: int, budget_fracs: Sequence[float]) -> list[int]:
 def run_bench(vs: list[Variant], out: Path, budget_n: int, budget_fracs: tuple[float, ...], seeds: int,
               lr_points: int, parallel: int, extra: list[str], quick: bool, root: Path | None = None,
               runner: Runner = subprocess_runner, reps: int = BOOTSTRAP_REPS, make_plot: bool = True,
-              report_only: bool = False) -> tuple[list[Result], list[str]]:
+              report_only: bool = False, journal: Journal | None = None) -> tuple[list[Result], list[str]]:
     """Run (resumably) and analyse the benchmark of the variants vs (make_variant's, baseline among them,
     with `seeds` confirmation seeds each). -> (results, failed-control messages). report_only: start no run,
     analyse the finished ones (controls are judged only when complete); nothing finished is a SystemExit,
@@ -1139,7 +1221,7 @@ def run_bench(vs: list[Variant], out: Path, budget_n: int, budget_fracs: tuple[f
     root = variants.REPO_ROOT if root is None else root
     out = out.resolve()
     ctx = Context(out, root, [f"--preset={PRESET}", "--checkpoint_every=", *extra], budget_n, parallel, runner,
-                  Progress(parallel), report_only)
+                  Progress(parallel), report_only, journal)
     budgets = budget_steps(budget_n, budget_fracs)
     base = next(v for v in vs if v.name == "baseline")
 
@@ -1159,7 +1241,8 @@ def run_bench(vs: list[Variant], out: Path, budget_n: int, budget_fracs: tuple[f
                    beyond_n=not quick and len(budgets) >= 2)
     if report_only and all(r.point.run is None for r in ctx.runs):
         raise SystemExit(f"tools/bench: nothing to report: no finished run of these variants and settings in "
-                         f"{out / 'logs'} (under the scripts as they are now); run the bench without --report first")
+                         f"{out / 'logs'}{' or the run journal' if journal else ''} (under the scripts as they are "
+                         "now); run the bench without --report first")
 
     # 3. analysis
     main_runs = [r for r in ctx.runs if r.role == "main"]
@@ -1247,6 +1330,13 @@ def main(argv: list[str] | None = None, runner: Runner = subprocess_runner, root
     parser.add_argument("--out", type=Path, default=None, help="output folder (default bench_out/)")
     parser.add_argument("--report", action="store_true",
                         help="start no run: the table of the runs finished so far (during a run, or after a kill)")
+    parser.add_argument("--journal", type=Path, default=None,
+                        help="a CSV this bench appends each finished run to and reuses runs from by run id (commit "
+                             "it: a later sitting on a fresh clone reruns nothing that is in it)")
+    parser.add_argument("--reuse", default="",
+                        help="comma-separated CSVs to reuse finished runs from by run id, read only (journals, "
+                             "bench_runs.csv, ladder_runs.csv); a run of other code, data, torch or threads has "
+                             "another id and is not reused")
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     bad = [a for a in extra if not (a.startswith("--") and "=" in a)]
     if bad:
@@ -1276,6 +1366,13 @@ def main(argv: list[str] | None = None, runner: Runner = subprocess_runner, root
     out = args.out or root / "bench_out"
     if out.exists() and not out.is_dir():
         _refuse(f"--out {out} is a file; --out must be a folder (a new or an existing one)")
+    sources = [Path(x) for x in args.reuse.split(",") if x]
+    for src in sources:
+        if not src.is_file():
+            _refuse(f"--reuse={src}: no such file; give CSVs written by tools/bench or tools/ladder")
+    if args.journal is not None and args.journal.exists() and not args.journal.is_file():
+        _refuse(f"--journal={args.journal} is not a file; give a CSV path (new or one this option wrote)")
+    journal = Journal(sources, args.journal) if sources or args.journal else None
     vs = []
     for n in names:
         control = n == CONTROL
@@ -1300,7 +1397,7 @@ def main(argv: list[str] | None = None, runner: Runner = subprocess_runner, root
             sweep.refuse_if_running(sorted((out / "logs").glob("*.lock")), "tools/bench")
         with forwarding_signals("tools/bench"):  # SIGINT / SIGTERM: passed on to the trainings, then a clean stop
             _, failed = run_bench(vs, out, budget_n, budget_fracs, seeds, args.lr_points, args.parallel, extra,
-                                  args.quick, root, runner, report_only=args.report)
+                                  args.quick, root, runner, report_only=args.report, journal=journal)
     print(f"wall time {time.monotonic() - started:.0f} s", flush=True)
     if failed:
         print("\n" + "!" * 80 + "\n" + "\n".join(failed) + "\n" + "!" * 80, flush=True)

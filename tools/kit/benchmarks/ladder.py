@@ -34,7 +34,10 @@ in its own folder OUT/<rung>/, so the bench's cache and resume work per rung. Tu
 A rung whose variants all have `ok` rows in ladder.csv with the same plan (a hash of the rung's settings, the
 seeds, the rates it starts from, and the bench's cache key of each script: code, data, torch, threads) is
 skipped, so the ladder completes over several sittings even where OUT was lost; inside a rung, finished runs
-come from the bench's cache in OUT/<rung>/logs.
+come from the bench's cache in OUT/<rung>/logs, and from CSVDIR/ladder_journal.csv (the bench's run journal,
+one row per finished run, rewritten atomically as each run ends; commit it with the other CSVs) and
+ladder_runs.csv by run id, so a rung cut off half-way (a rung at w64-h3 takes longer than one sitting) resumes
+on a fresh clone with only the runs that neither holds.
 Results: CSVDIR/ladder_runs.csv (one row per run) and CSVDIR/ladder.csv (one row per variant and rung), both
 rewritten atomically after each rung, then `--report` (also run at the end): the tables, a trend per variant,
 ln ratio = a + b ln(tokens per parameter), weighted by the inverse squared standard errors of the rungs'
@@ -79,6 +82,7 @@ TOOL = "tools/ladder"
 DEFAULT_VARIANTS = ["baseline", "adamw", "kron", "polar_normuon_cwd"]
 SLOW = ("adamw", "kron")  # expected to need budgets beyond N (the cost estimate only)
 LOCK = ".ladder.lock"
+JOURNAL = "ladder_journal.csv"  # in CSVDIR: every finished run, appended as it ends
 
 # The bench preset (speedruns/train_gpt_medium.py, checked by tests/test_ladder.py) and record 8.
 BENCH_MUON_LR, BENCH_STEPS, BENCH_MICRO_BATCHES, SEQ_LEN = 0.05, 130, 8, 256
@@ -426,9 +430,11 @@ def run_rung(rung: Rung, plan: Plan, rungs_order: Sequence[str], runner: bench.R
           f"{rung.tokens_per_param:.3g} tokens/param ({rung.corpus}), tuning {tune}, {seeds} seeds; "
           f"estimated {hours:.2f} h", flush=True)
     lr_points = bench.LR_POINTS if tune == "full" else 1
+    journal = bench.Journal([runs_path], plan.csv_dir / JOURNAL)  # each run kept as it ends: see the module doc
     try:
         results, failed = bench.run_bench(vs, plan.out / rung.name, rung.steps, bench.BUDGETS, seeds, lr_points,
-                                          plan.parallel, rung.settings(), False, plan.root, runner, reps=plan.reps)
+                                          plan.parallel, rung.settings(), False, plan.root, runner, reps=plan.reps,
+                                          journal=journal)
     except SystemExit as err:
         raise _reworded(err, f"rung {rung.name}: ") from None
     fields = rung_fields(rung, tune, seeds)
