@@ -1,6 +1,7 @@
 """Walk the CPU bench toward the GPU run: the bench's method on a ladder of regimes of the same 16-block model.
 
-Example: OMP_NUM_THREADS=1 tools/ladder --parallel=2          # the default ladder, ~6 h on 2 cores (estimate)
+Example: OMP_NUM_THREADS=1 tools/ladder --parallel=2          # the default ladder, ~8 h on 2 cores (estimate)
+         OMP_NUM_THREADS=1 tools/ladder --parallel=2 --variants=baseline,adamw,kron,polar_normuon_cwd  # ~5.9 h
 
 Each rung is a set of settings on top of `--preset=bench` (RUNGS, printed by --list): a width (64, 96 or 128,
 heads of 32 dims), a horizon in tokens (bytes) per block-matrix parameter (the block matrices: 15 attention
@@ -79,7 +80,10 @@ from kit.patching import variants
 from kit.runs.sweep import CHILDREN, forwarding_signals, holding_out, refuse_if_running
 
 TOOL = "tools/ladder"
-DEFAULT_VARIANTS = ["baseline", "adamw", "kron", "polar_normuon_cwd"]
+REFERENCE_VARIANTS = ["baseline", "adamw", "kron", "polar_normuon_cwd"]  # those with public GPU points, and cwd
+# the two best ideas of the bench v2 table after polar_normuon_cwd (README): sl 0.981 [0.970, 0.992] and sphere
+# 0.982 [0.966, 0.997] (sphere's gain is its pinned row norms: its control gives the same)
+DEFAULT_VARIANTS = [*REFERENCE_VARIANTS, "sl", "sphere"]
 SLOW = ("adamw", "kron")  # expected to need budgets beyond N (the cost estimate only)
 LOCK = ".ladder.lock"
 JOURNAL = "ladder_journal.csv"  # in CSVDIR: every finished run, appended as it ends
