@@ -535,6 +535,37 @@ def test_a_journal_lets_a_fresh_out_folder_rerun_nothing_and_killed_runs_are_kep
     assert changed.calls and all("adamw" in " ".join(map(str, c)) for c in changed.calls)
 
 
+def _journal_many(path, start, count):
+    from types import SimpleNamespace
+
+    from kit.runs.logs import Run, Validation
+
+    journal = bench.Journal([], Path(path))
+    for i in range(start, start + count):
+        run = Run(num_iterations=10, last_step=10, train_time_ms=1000.0, validations=[Validation(10, 2.0 + i, 1000.0)])
+        journal.add(SimpleNamespace(point=SimpleNamespace(run_id=f"run-{i}", run=run), variant="baseline",
+                                    role="main", seed=i, steps=10, lr=0.05))
+
+
+def test_two_processes_writing_one_journal_lose_no_row(tmp_path):
+    """Two benches (or a bench and a ladder) may share a journal: each add is read, add, replace under a file
+    lock, so rows written at the same time by two processes all survive."""
+    import multiprocessing
+
+    path = tmp_path / "journal.csv"
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_journal_many, args=(str(path), k * 100, 60)) for k in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+        assert w.exitcode == 0
+    rows = list(csv.DictReader(path.open()))
+    expected = [f"run-{i}" for k in range(2) for i in range(k * 100, k * 100 + 60)]
+    assert sorted(r["run_id"] for r in rows) == sorted(expected)
+    assert {float(r["final_val_loss"]) for r in rows if r["run_id"] == "run-105"} == {107.0}
+
+
 def test_journal_and_reuse_refuse_bad_files_in_one_line(repo, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("variant,loss\nbaseline,1.0\n")

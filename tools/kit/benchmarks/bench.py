@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import glob
 import hashlib
 import importlib.metadata
@@ -744,12 +745,13 @@ class Journal:
         row = {"run_id": r.point.run_id, "variant": r.variant, "role": r.role, "seed": str(r.seed),
                "budget": str(r.steps), "lr": fmt_lr(r.lr), "final_val_loss": f"{run.final_val_loss:.6f}",
                "train_time_s": f"{run.train_time_s:.1f}"}
-        with self.lock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = self.path.parent / f".{self.path.name}.lock"  # another bench or ladder may share the journal
+        with self.lock, open(lock, "a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # read, add, replace: no writer's row is lost
             self.rows[r.point.run_id] = row
             mine = [{c: x.get(c, "") for c in JOURNAL_COLUMNS} for x in self.read(self.path).values()]
-            mine = [x for x in mine if x["run_id"] != row["run_id"]] + [row]
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_csv(self.path, mine)
+            write_csv(self.path, [x for x in mine if x["run_id"] != row["run_id"]] + [row])
 
 
 def execute(runs: list[BenchRun], root: Path, parallel: int, runner: Runner, progress: Progress,
