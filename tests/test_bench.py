@@ -214,7 +214,7 @@ PATCH_GROUPS = {  # what each patch's header says its geometry changes
 }  # stiefel, l1_stiefel (q, k, v, mlp_in), symplectic (q, k, v): not until their steps honour --muon_lr_mult
 # (they step from the momentum itself): tests/test_bench_regime.py checks who honours it
 # Each norm_matched control tunes the groups of the variant it controls.
-PATCH_GROUPS |= {f"norm_matched_{name}": groups for name, groups in PATCH_GROUPS.items() if name != "sl"}
+PATCH_GROUPS |= {f"norm_matched_{name}": groups for name, groups in PATCH_GROUPS.items()}  # sl: norm_matched_sl (|det|)
 # Issue 22's readings: sphere and oblique with q, k, v free (and their controls)
 PATCH_GROUPS |= {"sphere_qkv_free": ["mlp_in"], "oblique_qkv_free": ["mlp_in"]}
 PATCH_GROUPS |= {"baseline_qkv_lr": ["q", "k", "v"]}  # sl's control: the baseline, q, k, v's rate tuned alone
