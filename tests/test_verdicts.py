@@ -31,7 +31,7 @@ def numbers(label, ratio, p, role="idea", extrapolated=False):
             f'extrapolated = {str(extrapolated).lower()}\nsource = "test"\n\n')
 
 
-def run(tmp_path, spec_text, capsys=None):
+def run(tmp_path, spec_text):
     spec = tmp_path / "verdicts.toml"
     spec.write_text(spec_text)
     verdicts.main([f"--spec={spec}"])
