@@ -933,19 +933,23 @@ def hungarian(cost):
 def assign_directions(cost):
     """Maximum-weight assignment of reference directions (rows) to replica directions (columns).
 
-    cost [k, k], cost[i, j] = |<u_i, u'_j>| |<v_i, v'_j>|: rows and columns sum to at most 1, so an entry
-    above 2/3 is in an optimal assignment (trading it away gains at most 2 (1 - c) < c). Those pairs are
-    fixed; the exact solver runs on the rest. -> perm [k] int64 (row i gets column perm[i]).
+    cost [..., k, k] (a batch of such matrices, each solved on its own), cost[i, j] = |<u_i, u'_j>| |<v_i, v'_j>|:
+    rows and columns sum to at most 1, so an entry above 2/3 is in an optimal assignment (trading it away
+    gains at most 2 (1 - c) < c). Those pairs are fixed; the exact solver runs on the rest. -> perm [..., k]
+    int64 (row i gets column perm[i]).
     """
     c = cost.double().cpu().numpy()
-    k = c.shape[0]
-    best = c.argmax(1)
-    sure = c[np.arange(k), best] > SURE_MATCH
+    k = c.shape[-1]
+    flat = c.reshape(-1, k, k)
+    best = flat.argmax(-1)
+    sure = np.take_along_axis(flat, best[..., None], -1)[..., 0] > SURE_MATCH
     perm = np.where(sure, best, -1)
-    rows, cols = np.flatnonzero(~sure), np.setdiff1d(np.arange(k), best[sure])
-    if rows.size:
-        perm[rows] = cols[min_cost_assignment(-c[np.ix_(rows, cols)])]
-    return torch.from_numpy(perm)
+    for i in np.flatnonzero(~sure.all(1)):  # the matrices with rows left for the solver
+        taken = np.zeros(k, dtype=bool)
+        taken[best[i, sure[i]]] = True
+        rows, cols = np.flatnonzero(~sure[i]), np.flatnonzero(~taken)
+        perm[i, rows] = cols[min_cost_assignment(-flat[i][np.ix_(rows, cols)])]
+    return torch.from_numpy(perm.reshape(c.shape[:-1]))
 
 
 def min_cost_assignment(cost):
@@ -973,22 +977,24 @@ def replica_echo(replicas):
 
     Each replica's SVD is aligned to M's (assign_directions on |U^T U_r| |V^T V_r|, then signs), the
     reverb Z_i[a, b] = <u_i^a, u_i^b> <v_i^a, v_i^b> (zero diagonal) is formed per direction, and zeta_i
-    is the median over pivots of echo_pivots (0 where s is 0). replicas [R, m, n], R >= 3 -> (U [m, k], s [k], V [n, k],
-    zeta [k]), k = min(m, n).
+    is the median over pivots of echo_pivots (0 where s is 0). replicas [..., R, m, n], R >= 3, with any
+    leading batch of matrices (a stack's, in one SVD call each) -> (U [..., m, k], s [..., k], V [..., n, k],
+    zeta [..., k]), k = min(m, n).
     """
-    U, s, Vh = torch.linalg.svd(replicas.mean(0), full_matrices=False)
+    U, s, Vh = torch.linalg.svd(replicas.mean(-3), full_matrices=False)
     Ur, _, Vhr = torch.linalg.svd(replicas, full_matrices=False)
     V, Vr = Vh.mT, Vhr.mT
-    for r in range(replicas.size(0)):
-        perm = assign_directions((U.mT @ Ur[r]).abs() * (V.mT @ Vr[r]).abs()).to(Ur.device)
-        Ur[r], Vr[r] = Ur[r][:, perm], Vr[r][:, perm]
-        sign = torch.where(torch.linalg.vecdot(U, Ur[r], dim=0) + torch.linalg.vecdot(V, Vr[r], dim=0) < 0, -1.0, 1.0)
-        Ur[r], Vr[r] = Ur[r] * sign, Vr[r] * sign
-    z = torch.einsum("amk,bmk->kab", Ur, Ur) * torch.einsum("ank,bnk->kab", Vr, Vr)
+    U1, V1 = U.unsqueeze(-3), V.unsqueeze(-3)  # the mean's, against every replica
+    perm = assign_directions((U1.mT @ Ur).abs() * (V1.mT @ Vr).abs()).to(Ur.device).unsqueeze(-2)
+    Ur, Vr = Ur.gather(-1, perm.expand_as(Ur)), Vr.gather(-1, perm.expand_as(Vr))
+    sign = torch.where(torch.linalg.vecdot(U1, Ur, dim=-2) + torch.linalg.vecdot(V1, Vr, dim=-2) < 0, -1.0, 1.0)
+    Ur, Vr = Ur * sign.unsqueeze(-2), Vr * sign.unsqueeze(-2)
+    z = torch.einsum("...amk,...bmk->...kab", Ur, Ur) * torch.einsum("...ank,...bnk->...kab", Vr, Vr)
     z.diagonal(dim1=-2, dim2=-1).zero_()
+    zeta = echo_pivots(z.flatten(0, -3)).view(z.shape[:-1]).quantile(0.5, dim=-1)
     # A zero direction of the mean (a zero gradient: every block at step 1, the head starting at zero) has
     # arbitrary singular vectors: no echo, so no step along it (Newton-Schulz gives zero there too).
-    return U, s, V, torch.where(s > 0, echo_pivots(z).quantile(0.5, dim=1), 0.0)
+    return U, s, V, torch.where(s > 0, zeta, 0.0)
 
 
 def mean_echo(zeta, replicas):
@@ -1134,16 +1140,13 @@ class Muon(torch.optim.Optimizer):
         bufs.lerp_(replicas, 1 - b)
         m, n = p.shape[-2:]
         streams = replicas.lerp(bufs, b).reshape(len(replicas), -1, m, n).transpose(0, 1)  # [matrices, R, m, n]
-        update = torch.empty_like(streams[:, 0])
-        zeta_mean, ratio = torch.zeros(2, len(streams), device=p.device)
+        U, s, V, zeta = replica_echo(streams)  # every matrix of the stack at once
+        zeta = mean_echo(zeta, streams.size(1))
+        update = (U * zeta.unsqueeze(-2)) @ V.mT
+        zeta_mean = zeta.mean(-1)
         sigma2 = self.replica_stats.noise_variance(p).reshape(-1)
-        for j, x in enumerate(streams):
-            U, s, V, zeta = replica_echo(x)
-            zeta = mean_echo(zeta, len(x))
-            update[j] = (U * zeta) @ V.mT
-            zeta_mean[j] = zeta.mean()
-            tau2 = self.echo_kappa * momentum_noise_factor(b) * sigma2[j] * (m**0.5 + n**0.5) ** 2
-            ratio[j] = tau2 / s[0].square().clamp_min(torch.finfo(s.dtype).tiny)
+        tau2 = self.echo_kappa * momentum_noise_factor(b) * sigma2 * (m**0.5 + n**0.5) ** 2
+        ratio = tau2 / s[:, 0].square().clamp_min(torch.finfo(s.dtype).tiny)
         state["echo_zeta"], state["echo_tau2_ratio"] = zeta_mean.view(p.shape[:-2]), ratio.view(p.shape[:-2])
         if self.echo_keep_norm:
             target, norm2 = squared_norms(orthogonalize(nesterov)).reshape(-1), squared_norms(update)

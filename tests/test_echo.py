@@ -321,6 +321,27 @@ def test_exact_echo_equals_analysis(exact):
     torch.testing.assert_close(s, torch.linalg.svdvals(g.mean(0)))
 
 
+def test_exact_echo_batched_equals_one_matrix_at_a_time(exact):
+    """exact_echo passes a whole stack [J, R, m, n] to replica_echo at once: each matrix must get the estimate
+    it gets alone (the assignment solved per matrix and replica, signs and pivots per matrix), for a stack
+    that mixes sure pairs and Hungarian rows, and assign_directions on a batch of costs equals each cost's."""
+    m, n, R = 24, 40, 6
+    edge = math.sqrt(m) + math.sqrt(n)
+    stack = torch.stack([planted_replicas(m, n, torch.linspace(a, 1.0, 6) * edge, 1.0, R, seed=10 + j)
+                         for j, a in enumerate((6.0, 3.0, 1.5))])  # strong, middling and weak signal
+    U, s, V, zeta = exact.replica_echo(stack)
+    assert zeta.shape == (3, m) and U.shape == (3, m, m) and V.shape == (3, n, m)
+    for j in range(3):
+        Uj, sj, Vj, zj = exact.replica_echo(stack[j])
+        torch.testing.assert_close(zeta[j], zj, atol=1e-9, rtol=0)
+        torch.testing.assert_close(s[j], sj)
+    assert zeta[0, :6].min() > zeta[2, :6].max()  # the estimate differs between the matrices: not one copied
+    costs = torch.stack([overlap_cost(stack[j]) for j in range(3)])
+    want = torch.stack([exact.assign_directions(c) for c in costs])
+    assert torch.equal(exact.assign_directions(costs), want)
+    assert (costs > exact.SURE_MATCH).any() and not (costs.amax(-1) > exact.SURE_MATCH).all()
+
+
 def test_exact_echo_goes_to_one_as_the_noise_vanishes(exact):
     m, n = 30, 50
     s = torch.linspace(4.0, 1.0, 10) * (math.sqrt(m) + math.sqrt(n))
