@@ -710,3 +710,27 @@ def test_a_variants_declared_control_runs_with_it_and_reads_it_against_that_cont
     (repo / "patches" / "variants.toml").write_text(manifest.replace("norm_matched_oblique", "nowhere"))
     with pytest.raises(SystemExit, match="control must name another entry"):
         bench.manifest(repo)
+
+
+def test_plot_curves_leave_out_runs_that_hold_only_a_final_loss():
+    """A run from a journal or a reused CSV has one validation (its final loss): the curves panel draws the runs
+    that have a whole curve, and a variant whose runs all came from a journal draws none (it used to cut every
+    curve of the group to the final step, an empty-looking panel)."""
+    from types import SimpleNamespace
+
+    from kit.runs.logs import Run, Validation
+
+    def bench_run(variant, steps, validation_steps):
+        vals = [Validation(s, 3.0 - s / 100, 10.0 * s) for s in validation_steps]
+        run = Run(num_iterations=steps, last_step=steps, train_time_ms=10.0 * steps, validations=vals)
+        return SimpleNamespace(variant=variant, steps=steps, point=SimpleNamespace(run=run))
+
+    logged = bench_run("baseline", 130, [0, 26, 52, 78, 104, 130])
+    journal_only = bench_run("baseline", 130, [130])
+    other_budget = bench_run("baseline", 78, [0, 26, 52, 78])
+    unfinished = SimpleNamespace(variant="baseline", steps=130, point=SimpleNamespace(run=None))
+    runs = [logged, journal_only, other_budget, unfinished, bench_run("echo", 130, [130])]
+    assert bench.curve_runs(runs, "baseline", 130) == [logged.point.run]
+    assert bench.curve_runs(runs, "echo", 130) == []
+    curve = bench.group_curve(bench.curve_runs(runs, "baseline", 130))
+    assert curve.steps == [0, 26, 52, 78, 104, 130]

@@ -1155,6 +1155,14 @@ def grid_rows(results: list[Result]) -> list[dict[str, str]]:
     return rows
 
 
+def curve_runs(main_runs: list[BenchRun], variant: str, budget: int) -> list[Run]:
+    """The finished runs of a variant at a budget that carry a validation curve: a run taken from a run journal
+    or a reused bench_runs.csv holds only its final loss, and mixed in it would cut the others' curves to that
+    one step."""
+    return [br.point.run for br in main_runs if br.variant == variant and br.steps == budget
+            and br.point.run is not None and len(br.point.run.validations) > 1]
+
+
 def plot(path: Path, results: list[Result], main_runs: list[BenchRun], budget_n: int) -> None:
     """Left: final loss against budget per variant (seed mean +- std, the fit, the target); right: the
     seed-mean validation curves at budget N."""
@@ -1169,6 +1177,7 @@ def plot(path: Path, results: list[Result], main_runs: list[BenchRun], budget_n:
         colors = [plt.get_cmap("tab20")(k) for k in range(20)]
     target = next((r.curve.losses[:, r.budgets.index(budget_n)].mean() for r in results
                    if r.name == "baseline" and r.curve is not None), None)
+    drawn = False
     for i, r in enumerate(results):
         if r.curve is None:
             continue
@@ -1180,11 +1189,11 @@ def plot(path: Path, results: list[Result], main_runs: list[BenchRun], budget_n:
         coef = fit_curve(x, table.mean(0))
         xs = np.geomspace(x.min(), x.max(), 50)
         left.plot(xs, [curve_at(coef, v) for v in xs], color=color, ls=style, lw=1, alpha=0.7)
-        runs = [br.point.run for br in main_runs
-                if br.variant == r.name and br.steps == budget_n and br.point.run is not None]
+        runs = curve_runs(main_runs, r.name, budget_n)
         if runs:
             c = group_curve(runs)
             right.plot(c.steps, c.mean_loss, color=color, ls=style, label=f"{label(r)} ({len(runs)} seeds)")
+            drawn = True
     if target is not None:
         left.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.4f}")
     left.set_xscale("log")
@@ -1195,7 +1204,12 @@ def plot(path: Path, results: list[Result], main_runs: list[BenchRun], budget_n:
     right.set_xlabel("step")
     right.set_ylabel("val loss (nats/token)")
     right.set_title(f"seed-mean validation curves at budget {budget_n}")
-    right.legend(fontsize=8)
+    if drawn:
+        right.legend(fontsize=8)
+    else:
+        right.text(0.5, 0.5, "no validation curves: every run at this budget came from a\n"
+                   "run journal or a reused CSV, which keep final losses only", ha="center", va="center",
+                   transform=right.transAxes, fontsize=9)
     lows = [r.curve.losses.min() for r in results if r.curve is not None]
     if lows:
         right.set_ylim(min(lows) - 0.05, min(lows) + 1.0)
