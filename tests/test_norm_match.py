@@ -211,19 +211,19 @@ def test_sphere_control_is_sphere_projected_without_decay(norm_matched, zero_row
 
 @pytest.mark.parametrize("variant, norm, free_qkv", [
     ("sphere", "rows", False), ("oblique", "cols", False), ("stiefel", "frobenius", False),
-    ("l1_stiefel", "frobenius", False), ("sphere", "rows", True), ("stiefel", "frobenius", True),
-    ("sl", "det", False),
+    ("l1_stiefel", "frobenius", False), ("sphere", "rows", True), ("oblique", "cols", True),
+    ("stiefel", "frobenius", True), ("sl", "det", False),
 ])
 def test_the_control_pins_the_norms_its_variant_holds(norm_matched, variant, norm, free_qkv):
     """The variant and its control, from the same init and on the same gradients (fp32, as the Stiefel steps
-    run), hold the same norms on the same matrices; with the variant's q, k, v free (--manifold_qkv=0) the
-    control leaves them out of its kinds. block_stiefel is not here: it projects each head block to
-    0.5 U V^T, the init's head-block norm in expectation only."""
-    control, module = entry_settings(f"norm_matched_{variant}"), load_script(f"norm_matched_{variant}")
+    run), hold the same norms on the same matrices; with the variant's q, k, v free (--manifold_qkv=0, the
+    <variant>_qkv_free entries) their control entry (norm_matched_<variant>_qkv_free) leaves q, k, v out of its
+    kinds. block_stiefel is not here: it projects each head block to 0.5 U V^T, the init's head-block norm in
+    expectation only."""
+    name = f"norm_matched_{variant}" + ("_qkv_free" if free_qkv else "")
+    control, module = entry_settings(name), load_script(name)
     kinds = module.parse_args(control).norm_match_kinds.split(",")
-    if free_qkv:
-        kinds = [k for k in kinds if k not in ("q", "k", "v")]
-        control.append(f"--norm_match_kinds={','.join(kinds)}")
+    assert free_qkv == ("q" not in kinds), (name, kinds)
     theirs = kind_matrices(step_model(load_script(variant), [f"--manifold_qkv={int(not free_qkv)}"], steps=2,
                                       dtype=torch.float32))
     ours = kind_matrices(step_model(module, control, steps=2, dtype=torch.float32))
@@ -306,6 +306,10 @@ CONTROLS = {  # the control of each manifold variant: the norm it pins, on which
     "l1_stiefel": ("frobenius", {"q", "k", "v", "mlp_in"}, 0.0),
     "block_stiefel": ("heads", {"q", "k", "v"}, 0.0),
     "sl": ("det", {"q", "k", "v"}, 0.0),
+    # issue 22 item 10: the same variants with q, k, v left free (--manifold_qkv=0): the MLP in alone
+    "sphere_qkv_free": ("rows", {"mlp_in"}, 0.0),
+    "oblique_qkv_free": ("cols", {"mlp_in"}, 0.0),
+    "stiefel_qkv_free": ("frobenius", {"mlp_in"}, 0.0),
 }
 
 
@@ -322,6 +326,8 @@ def test_each_manifold_variant_has_its_control_in_the_manifest(norm_matched):
         assert (args.norm_match, set(module.norm_match_kinds(args.norm_match_kinds, args.norm_match)),
                 args.norm_match_entry) == (norm, kinds, entry), variant
     assert "norm_matched_symplectic" not in table  # it pins no norm
+    for variant in ("sphere_qkv_free", "oblique_qkv_free", "stiefel_qkv_free"):
+        assert table[variant]["settings"] == {"manifold_qkv": 0}, variant
 
 
 def displacement(module, argv):
