@@ -224,8 +224,8 @@ def test_the_control_pins_the_norms_its_variant_holds(norm_matched, variant, nor
     control, module = entry_settings(name), load_script(name)
     kinds = module.parse_args(control).norm_match_kinds.split(",")
     assert free_qkv == ("q" not in kinds), (name, kinds)
-    theirs = kind_matrices(step_model(load_script(variant), [f"--manifold_qkv={int(not free_qkv)}"], steps=2,
-                                      dtype=torch.float32))
+    settings = entry_settings(f"{variant}_qkv_free") if free_qkv else ["--manifold_qkv=1"]  # the entry's own
+    theirs = kind_matrices(step_model(load_script(variant), settings, steps=2, dtype=torch.float32))
     ours = kind_matrices(step_model(module, control, steps=2, dtype=torch.float32))
     for kind in KINDS:
         for W, V in zip(ours[kind], theirs[kind], strict=True):
