@@ -337,3 +337,19 @@ def test_no_oracle_is_echo_exact(oracle, bench_data, tmp_path):
     losses = [re.findall(r"^step:\d+/4 val_loss:(\S+)", (tmp_path / f"{run}.txt").read_text(), re.M)
               for run in ("none", "exact")]
     assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
+def test_the_estimate_beside_the_oracle_changes_no_step(oracle, bench_data, tmp_path):
+    """The bench's echo_oracle entry drops echo_exact's estimate (--echo_exact=0), which the oracle keeps only for
+    the log: 3 bench steps with and without it give the same validation losses digit for digit, and only the run
+    with the estimate logs zeta_est."""
+    base = ["--preset=bench", *bench_data, "--num_iterations=3", "--val_loss_every=1", f"--log_dir={tmp_path}"]
+    texts = {}
+    for exact in (1, 0):
+        oracle.main([*base, f"--echo_exact={exact}", f"--run_id=e{exact}"])
+        texts[exact] = (tmp_path / f"e{exact}.txt").read_text()
+    losses = {e: re.findall(r"^step:\d+/3 val_loss:(\S+)", t, re.M) for e, t in texts.items()}
+    assert len(losses[1]) == 4 and losses[0] == losses[1]
+    echo_lines = {e: re.findall(r"^echo step:\d+ kind:.*$", t, re.M) for e, t in texts.items()}
+    assert len(echo_lines[0]) == len(echo_lines[1]) > 0
+    assert all(" zeta_est:" in line for line in echo_lines[1]) and not any("zeta_est" in line for line in echo_lines[0])
