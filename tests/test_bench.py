@@ -734,3 +734,15 @@ def test_plot_curves_leave_out_runs_that_hold_only_a_final_loss():
     assert bench.curve_runs(runs, "echo", 130) == []
     curve = bench.group_curve(bench.curve_runs(runs, "baseline", 130))
     assert curve.steps == [0, 26, 52, 78, 104, 130]
+
+
+def test_the_default_set_leaves_out_the_diagnostic_and_keep_norm_echo_entries():
+    """The bench's default set is the shared set plus the echo variants that are not issue 22's readings: every
+    manifest entry named echo*_keep_norm or echo_oracle* must be asked for by name (each costs hours on 2 cores)."""
+    chosen = bench.default_variants(ROOT)
+    assert chosen[:3] == bench.DEFAULT_VARIANTS
+    manifest = bench.declared_lrs(ROOT)
+    readings = sorted(v for v in manifest if v.startswith("echo") and ("keep_norm" in v or "oracle" in v))
+    assert "echo_oracle_keep_norm" in readings and "echo_exact_keep_norm" in readings
+    assert not set(readings) & set(chosen), "an issue-22 reading slipped into the bench's default set"
+    assert "echo" in chosen

@@ -568,7 +568,7 @@ def cache_key(script: Path, data_sha: str) -> str:
 
 # Ask for these by name: echo_exact is slow (~2.7x the baseline's step at the bench preset), echo_oracle is a
 # diagnostic (its shrinkage reads a large held-out batch every step), the keep_norm entries are issue 22's readings.
-NOT_BY_DEFAULT = {"echo_exact", "echo_oracle", "echo_keep_norm", "echo_exact_keep_norm"}
+NOT_BY_DEFAULT = {"echo_exact", "echo_oracle", "echo_keep_norm", "echo_exact_keep_norm", "echo_oracle_keep_norm"}
 
 
 def default_variants(root: Path) -> list[str]:
