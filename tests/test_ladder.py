@@ -121,6 +121,21 @@ def test_no_rung_reads_more_than_one_epoch_or_costs_more_than_25_minutes():
     assert hours(ladder.DEFAULT_VARIANTS) <= 8.1  # the six of the issue's default (two ideas more): 8.0 h, stated
 
 
+def test_the_long_rungs_compile_their_model_and_the_130_step_rungs_stay_eager(baseline):
+    for r in ladder.RUNGS:
+        args = baseline.parse_args(["--preset=bench", *r.settings(), f"--num_iterations={r.steps}"])
+        baseline.validate_args(args)
+        assert args.compile is (r.steps >= 376) is r.compiled, r.name  # from horizon 1 on
+        if r.compiled:  # the estimate follows the measured compiled step and its fixed cost
+            eager = r.run_seconds - ladder.COMPILE_SECONDS
+            assert eager / ladder.COMPILED_STEP == pytest.approx(
+                ladder.BENCH_RUN_SECONDS * r.steps / 130 * r.batch_tokens / 2048 * ladder.BYTE_COST[r.width])
+    # the 130-step rungs' settings are those their journaled runs were made with (a change would rerun them)
+    first = next(r for r in ladder.RUNGS if r.name == "w64-h0.35")
+    assert not any(s.startswith("--compile") for s in first.settings())
+    assert len(first.settings()) == 6
+
+
 @pytest.mark.parametrize("corpus", sorted(ladder.CORPORA))
 def test_corpus_sizes_are_the_built_shards(corpus):
     from core.shards import check_shard

@@ -1,7 +1,7 @@
 """Walk the CPU bench toward the GPU run: the bench's method on a ladder of regimes of the same 16-block model.
 
-Example: OMP_NUM_THREADS=1 tools/ladder --parallel=2          # the default ladder, ~8 h on 2 cores (estimate)
-         OMP_NUM_THREADS=1 tools/ladder --parallel=2 --variants=baseline,adamw,kron,polar_normuon_cwd  # ~5.9 h
+Example: OMP_NUM_THREADS=1 tools/ladder --parallel=2          # the default ladder, ~6.7 h on 2 cores (estimate)
+         OMP_NUM_THREADS=1 tools/ladder --parallel=2 --variants=baseline,adamw,kron,polar_normuon_cwd  # ~4.9 h
 
 Each rung is a set of settings on top of `--preset=bench` (RUNGS, printed by --list): a width (64, 96 or 128,
 heads of 32 dims), a horizon in tokens (bytes) per block-matrix parameter (the block matrices: 15 attention
@@ -54,6 +54,10 @@ measured) x steps / 130 x batch / 2,048 x a per-byte factor of the width, 1.00, 
 bench's; d^2 would say 2.25 and 4). Per rung: (6 grid rates if full, 3 if transfer) x lr-seeds + 2.4 x seeds
 runs of N per variant, plus 2.75 x seeds for adamw and kron (budgets 1.25 and 1.5 N; no grid extensions), kron's
 at 1.4x the baseline's step time (measured: 1.41 at width 64, 1.21 at 96; adamw 0.94-1.03).
+The rungs of COMPILE_FROM_STEPS steps or more (horizon >= 1 token per parameter) run their model through
+torch.compile (--compile=1 among their settings, so their run ids say so): a step 0.75x the eager one for 11 s
+more per run from a warm inductor cache (measured at w64-h1's settings); their estimate is scaled so. The
+130-step rungs stay eager (compiling would not pay there). Within a rung every variant runs the same way.
 """
 
 from __future__ import annotations
@@ -102,6 +106,10 @@ GPU_RATIOS = {"adamw": [("AdamW 9500 / 5960", 9500 / 5960)],
 BENCH_RUN_SECONDS = 35.0
 BYTE_COST = {64: 1.0, 96: 1.74, 128: 2.88}
 VARIANT_COST = {"kron": 1.4}  # step time / the baseline's (tools/bench_step_cost: kron 1.41 at width 64, 1.21 at 96)
+# The long rungs run their model compiled (--compile=1): measured at w64-h1's settings, a 60-step run from a warm
+# inductor cache, 3 runs on 2 cores: a step 0.75x the eager one, and 11 s more of fixed cost (tracing, loading the
+# cached graphs of training and validation). At 130 steps that would not pay; from 376 steps it saves 17-22%.
+COMPILE_FROM_STEPS, COMPILED_STEP, COMPILE_SECONDS = 376, 0.75, 11.0
 MAX_RUN_MINUTES = 25.0
 GRID_RATES = {"full": bench.LR_POINTS + 2, "transfer": 3}  # rates measured per variant (no grid extensions)
 BEYOND_N = 1.25 + 1.5  # budgets beyond N assumed for the SLOW variants (x N per seed)
@@ -197,17 +205,23 @@ class Rung:
         return max(1, round(BENCH_MOMENTUM_WARMUP * self.steps / BENCH_STEPS))
 
     @property
+    def compiled(self) -> bool:
+        """Its model runs through torch.compile: the long rungs, where the compiled step pays for its fixed cost."""
+        return self.steps >= COMPILE_FROM_STEPS
+
+    @property
     def run_seconds(self) -> float:
         """Estimated seconds of one run of N steps on one thread (see the module doc)."""
-        return (BENCH_RUN_SECONDS * self.steps / BENCH_STEPS * self.batch_tokens / (BENCH_MICRO_BATCHES * SEQ_LEN)
-                * BYTE_COST[self.width])
+        eager = (BENCH_RUN_SECONDS * self.steps / BENCH_STEPS * self.batch_tokens / (BENCH_MICRO_BATCHES * SEQ_LEN)
+                 * BYTE_COST[self.width])
+        return eager * COMPILED_STEP + COMPILE_SECONDS if self.compiled else eager
 
     def settings(self) -> list[str]:
         """The settings on top of --preset=bench (the bench adds num_iterations, the rate and muon_wd)."""
         corpus = CORPORA[self.corpus]
         return [f"--model_dim={self.width}", f"--num_heads={self.heads}", f"--micro_batches={self.micro_batches}",
                 f"--muon_momentum_warmup_steps={self.momentum_warmup}", f"--train_files={corpus.train_files}",
-                f"--val_files={corpus.val_files}"]
+                f"--val_files={corpus.val_files}", *(["--compile=1"] if self.compiled else [])]
 
 
 # steps = 376 x tokens per parameter at every width (the batch is 1/376 of the block-matrix parameters)
@@ -262,7 +276,8 @@ def rung_rows(rungs: Sequence[Rung], names: Sequence[str], seeds: int | None, lr
             "rung": r.name, "width (heads)": f"{r.width} ({r.heads})", "steps": str(r.steps),
             "batch bytes": f"{r.batch_tokens:,}", "tokens/param": f"{r.tokens_per_param:.3g}",
             "corpus": r.corpus, "epochs": f"{r.epochs:.3f}", "muon_wd @0.05": f"{r.muon_wd:.5f}",
-            "decay": f"{r.integrated_decay:.4f}", "min/run": f"{r.run_seconds / 60:.1f}",
+            "decay": f"{r.integrated_decay:.4f}", "compiled": "yes" if r.compiled else "",
+            "min/run": f"{r.run_seconds / 60:.1f}",
             "tuning": "full" if tune == "full" else f"transfer from {r.source}", "seeds": str(n_seeds),
             f"h on {parallel}": f"{hours:.2f}", "default": "yes" if r.default else "",
         })
@@ -277,7 +292,9 @@ def table_text(rungs: Sequence[Rung], names: Sequence[str], seeds: int | None, l
              f"estimated: {total:.1f} h on {parallel} core(s) for these {len(rows)} rung(s) x {len(names)} variant(s) "
              f"({', '.join(names)}); min/run: {BENCH_RUN_SECONDS:.0f} s x steps/{BENCH_STEPS} x batch/"
              f"{BENCH_MICRO_BATCHES * SEQ_LEN} x per-byte cost of the width ("
-             + ", ".join(f"{c:.2f} at {w}" for w, c in BYTE_COST.items()) + ", measured), one thread; decay: "
+             + ", ".join(f"{c:.2f} at {w}" for w, c in BYTE_COST.items()) + f", measured), one thread, compiled: "
+             f"x {COMPILED_STEP} + {COMPILE_SECONDS:.0f} s (a warm inductor cache; the first compile of a sitting "
+             "costs minutes more); decay: "
              f"sum_t lr_t x muon_wd at muon_lr {BENCH_MUON_LR} (record 8: {RECORD8_DECAY:.4f}); epochs at N (the "
              "bench may run 2 N)",
              "settings on top of --preset=bench (the bench adds --num_iterations, the rate and --muon_wd):"]
