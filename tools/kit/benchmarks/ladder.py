@@ -52,12 +52,17 @@ Cost, estimated per run: 35 s for a 130-step width-64 run of 2,048-byte steps on
 measured) x steps / 130 x batch / 2,048 x a per-byte factor of the width, 1.00, 1.74 and 2.88 at 64, 96 and
 128 (measured side by side with tools/bench_step_cost at each width's batch: a step 3.92x and 11.5x the
 bench's; d^2 would say 2.25 and 4). Per rung: (6 grid rates if full, 3 if transfer) x lr-seeds + 2.4 x seeds
-runs of N per variant, plus 2.75 x seeds for adamw and kron (budgets 1.25 and 1.5 N; no grid extensions), kron's
-at 1.4x the baseline's step time (measured: 1.41 at width 64, 1.21 at 96; adamw 0.94-1.03).
+runs of N per variant, plus 4.75 x seeds for adamw and kron (budgets 1.25, 1.5 and 2 N: both needed all three
+at w64-h0.35; no grid extensions), kron's at 1.3x the baseline's run time and adamw's at 0.85x (measured at
+w64-h0.35, two runs at a time: 61 s and 41 s against 50 s). Runs side by side slow each other down (memory, the
+second core's other work): with --parallel of 2 or more each run takes SHARED_SLOWDOWN = 1.43x its time alone
+(50 s per 130-step run at w64-h0.35 on the 2-core AMD EPYC of the ladder's second sitting, against the 35 s of a
+run alone); the hours are runs x seconds x that factor / parallel.
 The rungs of COMPILE_FROM_STEPS steps or more (horizon >= 1 token per parameter) run their model through
-torch.compile (--compile=1 among their settings, so their run ids say so): a step 0.75x the eager one for 11 s
-more per run from a warm inductor cache (measured at w64-h1's settings); their estimate is scaled so. The
-130-step rungs stay eager (compiling would not pay there). Within a rung every variant runs the same way.
+torch.compile (--compile=1 among their settings, so their run ids say so): a step 0.55x the eager one for 11 s
+more per run from a warm inductor cache (measured at w64-h1: whole 376-step runs of its grid, two at a time, 89-97 s
+against the eager estimate's 145 s); their estimate is scaled so. The 130-step rungs stay eager (compiling would
+not pay there). Within a rung every variant runs the same way.
 """
 
 from __future__ import annotations
@@ -105,14 +110,17 @@ GPU_RATIOS = {"adamw": [("AdamW 9500 / 5960", 9500 / 5960)],
 # Cost: a bench-preset run on one thread, and the cost of a byte at each width relative to width 64.
 BENCH_RUN_SECONDS = 35.0
 BYTE_COST = {64: 1.0, 96: 1.74, 128: 2.88}
-VARIANT_COST = {"kron": 1.4}  # step time / the baseline's (tools/bench_step_cost: kron 1.41 at width 64, 1.21 at 96)
-# The long rungs run their model compiled (--compile=1): measured at w64-h1's settings, a 60-step run from a warm
-# inductor cache, 3 runs on 2 cores: a step 0.75x the eager one, and 11 s more of fixed cost (tracing, loading the
-# cached graphs of training and validation). At 130 steps that would not pay; from 376 steps it saves 17-22%.
-COMPILE_FROM_STEPS, COMPILED_STEP, COMPILE_SECONDS = 376, 0.75, 11.0
+VARIANT_COST = {"kron": 1.3, "adamw": 0.85}  # run time / the baseline's (the ladder's w64-h0.35, two at a time)
+SHARED_SLOWDOWN = 50.0 / 35.0  # a run's time two at a time on 2 cores / alone (measured, see the module doc)
+# The long rungs run their model compiled (--compile=1). A 60-step run at w64-h1's settings from a warm inductor
+# cache, 3 runs on 2 cores: 11 s more of fixed cost (tracing, loading the cached graphs of training and
+# validation), a step 0.75x the eager one. Whole 376-step runs of the ladder (w64-h1's grid, two at a time) took
+# 89-97 s where the eager estimate says 145 s, so their step is 0.55x: the figure used. At 130 steps compiling
+# would not pay for its fixed cost; from 376 steps it saves about a third.
+COMPILE_FROM_STEPS, COMPILED_STEP, COMPILE_SECONDS = 376, 0.55, 11.0
 MAX_RUN_MINUTES = 25.0
 GRID_RATES = {"full": bench.LR_POINTS + 2, "transfer": 3}  # rates measured per variant (no grid extensions)
-BEYOND_N = 1.25 + 1.5  # budgets beyond N assumed for the SLOW variants (x N per seed)
+BEYOND_N = 1.25 + 1.5 + 2.0  # budgets beyond N assumed for the SLOW variants (x N per seed)
 
 
 @dataclass(frozen=True)
@@ -262,6 +270,11 @@ def planned_runs(rung: Rung, names: Sequence[str], seeds: int, lr_seeds: int, tu
                * VARIANT_COST.get(n, 1.0) for n in names)
 
 
+def wall_hours(runs: float, run_seconds: float, parallel: int) -> float:
+    """Hours of wall time for `runs` runs of run_seconds each (alone, one thread), `parallel` at a time."""
+    return runs * run_seconds * (SHARED_SLOWDOWN if parallel > 1 else 1.0) / parallel / 3600
+
+
 def tuning_of(rung: Rung, full_grid: bool = False) -> str:
     return "full" if full_grid or rung.tune == "full" else "transfer"
 
@@ -271,7 +284,7 @@ def rung_rows(rungs: Sequence[Rung], names: Sequence[str], seeds: int | None, lr
     rows = []
     for r in rungs:
         tune, n_seeds = tuning_of(r, full_grid), seeds or r.seeds
-        hours = planned_runs(r, names, n_seeds, lr_seeds, tune) * r.run_seconds / parallel / 3600
+        hours = wall_hours(planned_runs(r, names, n_seeds, lr_seeds, tune), r.run_seconds, parallel)
         rows.append({
             "rung": r.name, "width (heads)": f"{r.width} ({r.heads})", "steps": str(r.steps),
             "batch bytes": f"{r.batch_tokens:,}", "tokens/param": f"{r.tokens_per_param:.3g}",
@@ -292,7 +305,8 @@ def table_text(rungs: Sequence[Rung], names: Sequence[str], seeds: int | None, l
              f"estimated: {total:.1f} h on {parallel} core(s) for these {len(rows)} rung(s) x {len(names)} variant(s) "
              f"({', '.join(names)}); min/run: {BENCH_RUN_SECONDS:.0f} s x steps/{BENCH_STEPS} x batch/"
              f"{BENCH_MICRO_BATCHES * SEQ_LEN} x per-byte cost of the width ("
-             + ", ".join(f"{c:.2f} at {w}" for w, c in BYTE_COST.items()) + f", measured), one thread, compiled: "
+             + ", ".join(f"{c:.2f} at {w}" for w, c in BYTE_COST.items()) + f", measured), one thread alone (hours: "
+             f"x {SHARED_SLOWDOWN:.2f} two or more at a time), compiled: "
              f"x {COMPILED_STEP} + {COMPILE_SECONDS:.0f} s (a warm inductor cache; the first compile of a sitting "
              "costs minutes more); decay: "
              f"sum_t lr_t x muon_wd at muon_lr {BENCH_MUON_LR} (record 8: {RECORD8_DECAY:.4f}); epochs at N (the "
@@ -446,7 +460,7 @@ def run_rung(rung: Rung, plan: Plan, rungs_order: Sequence[str], runner: bench.R
     if all(n in done and done[n].get("status") == "ok" and done[n].get("plan_key") == keys[n] for n in plan.names):
         print(f"rung {rung.name}: every variant's row in {csv_path} has this plan: nothing to run", flush=True)
         return []
-    hours = planned_runs(rung, plan.names, seeds, plan.lr_seeds, tune) * rung.run_seconds / plan.parallel / 3600
+    hours = wall_hours(planned_runs(rung, plan.names, seeds, plan.lr_seeds, tune), rung.run_seconds, plan.parallel)
     print(f"rung {rung.name}: width {rung.width}, {rung.steps} steps of {rung.batch_tokens:,} bytes, "
           f"{rung.tokens_per_param:.3g} tokens/param ({rung.corpus}), tuning {tune}, {seeds} seeds; "
           f"estimated {hours:.2f} h", flush=True)
