@@ -63,6 +63,20 @@ def test_the_lr_search_extends_at_an_edge_then_refines_by_sqrt2():
     assert order == pytest.approx([0.25, 0.5, 1, 2, 0.25 / s2, 0.25 * s2])
 
 
+def test_a_one_point_grid_checks_its_neighbours_and_follows_an_optimum_that_moved():
+    s2 = math.sqrt(2)
+    order, (best, edge) = search(lambda r: (math.log2(r) - math.log2(1.1)) ** 2, [1.0])  # optimum inside
+    assert order == pytest.approx([1, 1 / s2, s2]) and best == pytest.approx(1) and edge == ""
+    order, (best, edge) = search(lambda r: (math.log2(r) + 1) ** 2, [1.0])  # optimum 0.5: two steps down
+    assert order == pytest.approx([1, 1 / s2, s2, 0.5, 0.5 / s2]) and best == pytest.approx(0.5) and edge == ""
+    order, (best, edge) = search(lambda r: (math.log2(r) - 0.5) ** 2, [1.0])  # optimum sqrt(2): the edge,
+    assert order == pytest.approx([1, 1 / s2, s2, 2]) and best == pytest.approx(s2) and edge == ""  # one step
+    order, (best, edge) = search(lambda r: r, [1.0])  # ever lower: two steps out, then flagged
+    assert order == pytest.approx([1, 1 / s2, s2, 0.5, 0.5 / s2]) and edge == "low"
+    order, (best, edge) = search(lambda r: r, [1.0], extensions=0)
+    assert order == pytest.approx([1, 1 / s2, s2]) and edge == "low"
+
+
 def test_decay_holds_the_integrated_decay_while_the_rate_moves():
     """sum over steps of lr_t x wd, lr_t = lr x schedule_t: the same at every rate of the grid."""
     schedule = np.concatenate([np.ones(39), np.linspace(1, 0, 91)])  # constant, then a linear cooldown

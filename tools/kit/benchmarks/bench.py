@@ -193,10 +193,15 @@ def next_lr_points(results: dict[float, list[float]], first: Sequence[float],
     losses at budget N measured so far ({rate: losses}, [] for a rate whose runs all failed).
     first: the x2 grid, measured first. A pick at the edge of the x2 points measured adds the next x2 point
     out (at most `extensions` of them); then one refinement, the pick x sqrt(2) and / sqrt(2); done once
-    a refinement point is measured, and pick_lr of all the results is the tuned rate."""
+    a refinement point is measured, and pick_lr of all the results is the tuned rate.
+    A grid of one point (the ladder's transfer of a rate from another rung) is checked at x sqrt(2) and
+    / sqrt(2), and a pick at the edge of the rates measured steps out by one more x sqrt(2) (at most
+    `extensions` times), so that an optimum that moved with the regime is followed, not clipped."""
     missing = [r for r in first if r not in results]
     if missing:
         return missing
+    if len(first) == 1:
+        return _walk_from(results, first[0], extensions)
     x2 = {r: v for r, v in results.items() if on_x2_grid(r, first[0])}
     if len(x2) < len(results):
         return []
@@ -205,6 +210,18 @@ def next_lr_points(results: dict[float, list[float]], first: Sequence[float],
     if edge and outside < extensions:
         return [best / 2 if edge == "low" else best * 2]
     return [best / SQRT2, best * SQRT2]
+
+
+def _walk_from(results: dict[float, list[float]], start: float, extensions: int) -> list[float]:
+    """next_lr_points for a grid of one point: its two x sqrt(2) neighbours, then one step further out by
+    x sqrt(2) while the pick is at the edge of the rates measured, at most `extensions` steps."""
+    neighbours = [r for r in (start / SQRT2, start * SQRT2) if r not in results]
+    if neighbours:
+        return neighbours
+    best, edge = pick_lr(results)
+    if edge and len(results) - 3 < extensions:
+        return [best / SQRT2 if edge == "low" else best * SQRT2]
+    return []
 
 
 def decay_at(lr: float, lr0: float, wd0: float) -> float:

@@ -26,11 +26,13 @@ in its own folder OUT/<rung>/, so the bench's cache and resume work per rung. Tu
   transfer  the reduction for the costly rungs: each variant starts from its tuned rate on the rung named
             (the rung below in horizon, or the narrower width at the same horizon; the rule is "the same rate":
             Muon's step is normalized to the matrix's shape) and that rate is checked at its two neighbours,
-            x sqrt(2) and / sqrt(2), on the grid seeds (the bench's search with one grid point: 3 rates
-            instead of 6-8); the pick among the three goes on. Into the CI: the pick's noise among them, which
-            the bench's bootstrap charges as at a full rung (re-picked on resampled grid seeds, costed in
-            steps by the fit's slope). Not in the CI: an optimum beyond the checked range; a pick at the edge
-            of the three is flagged (column lr_grid_edge, and `edge` in the tables): rerun that rung with
+            x sqrt(2) and / sqrt(2), on the grid seeds (the bench's search with one grid point); a pick at the
+            edge of the rates measured steps one x sqrt(2) further out, at most twice (the optimum falls as
+            the horizon grows: at w64-h1 every variant's pick of the three was the lowest), so 3-5 rates
+            instead of 6-8; the pick goes on. Into the CI: the pick's noise among them, which the bench's
+            bootstrap charges as at a full rung (re-picked on resampled grid seeds, costed in steps by the
+            fit's slope). Not in the CI: an optimum beyond the checked range; a pick still at the edge after
+            two steps out is flagged (column lr_grid_edge, and `edge` in the tables): rerun that rung with
             --full-grid. A variant with declared groups checks the baseline's rate and its neighbours.
 A rung whose variants all have `ok` rows in ladder.csv with the same plan (a hash of the rung's settings, the
 seeds, the rates it starts from, and the bench's cache key of each script: code, data, torch, threads) is
@@ -51,7 +53,7 @@ verdict; the trend uses it).
 Cost, estimated per run: 35 s for a 130-step width-64 run of 2,048-byte steps on one thread (the bench preset,
 measured) x steps / 130 x batch / 2,048 x a per-byte factor of the width, 1.00, 1.74 and 2.88 at 64, 96 and
 128 (measured side by side with tools/bench_step_cost at each width's batch: a step 3.92x and 11.5x the
-bench's; d^2 would say 2.25 and 4). Per rung: (6 grid rates if full, 3 if transfer) x lr-seeds + 2.4 x seeds
+bench's; d^2 would say 2.25 and 4). Per rung: (6 grid rates if full, 4 if transfer) x lr-seeds + 2.4 x seeds
 runs of N per variant, plus 4.75 x seeds for adamw and kron (budgets 1.25, 1.5 and 2 N: both needed all three
 at w64-h0.35; no grid extensions), kron's at 1.3x the baseline's run time and adamw's at 0.85x (measured at
 w64-h0.35, two runs at a time: 61 s and 41 s against 50 s). Runs side by side slow each other down (memory, the
@@ -119,7 +121,7 @@ SHARED_SLOWDOWN = 50.0 / 35.0  # a run's time two at a time on 2 cores / alone (
 # would not pay for its fixed cost; from 376 steps it saves about a third.
 COMPILE_FROM_STEPS, COMPILED_STEP, COMPILE_SECONDS = 376, 0.55, 11.0
 MAX_RUN_MINUTES = 25.0
-GRID_RATES = {"full": bench.LR_POINTS + 2, "transfer": 3}  # rates measured per variant (no grid extensions)
+GRID_RATES = {"full": bench.LR_POINTS + 2, "transfer": 4}  # rates measured per variant (transfer: one step out)
 BEYOND_N = 1.25 + 1.5 + 2.0  # budgets beyond N assumed for the SLOW variants (x N per seed)
 
 
