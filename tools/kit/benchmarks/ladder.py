@@ -1,7 +1,7 @@
 """Walk the CPU bench toward the GPU run: the bench's method on a ladder of regimes of the same 16-block model.
 
-Example: OMP_NUM_THREADS=1 tools/ladder --parallel=2          # the default ladder, ~6.7 h on 2 cores (estimate)
-         OMP_NUM_THREADS=1 tools/ladder --parallel=2 --variants=baseline,adamw,kron,polar_normuon_cwd  # ~4.9 h
+Example: OMP_NUM_THREADS=1 tools/ladder --parallel=2          # the default ladder, ~8.9 h on 2 cores (estimate)
+         OMP_NUM_THREADS=1 tools/ladder --parallel=2 --variants=baseline,adamw,kron,polar_normuon_cwd  # ~6.6 h
 
 Each rung is a set of settings on top of `--preset=bench` (RUNGS, printed by --list): a width (64, 96 or 128,
 heads of 32 dims), a horizon in tokens (bytes) per block-matrix parameter (the block matrices: 15 attention
@@ -61,9 +61,11 @@ second core's other work): with --parallel of 2 or more each run takes SHARED_SL
 (50 s per 130-step run at w64-h0.35 on the 2-core AMD EPYC of the ladder's second sitting, against the 35 s of a
 run alone); the hours are runs x seconds x that factor / parallel.
 The rungs of COMPILE_FROM_STEPS steps or more (horizon >= 1 token per parameter) run their model through
-torch.compile (--compile=1 among their settings, so their run ids say so): a step 0.55x the eager one for 11 s
-more per run from a warm inductor cache (measured at w64-h1: whole 376-step runs of its grid, two at a time, 89-97 s
-against the eager estimate's 145 s); their estimate is scaled so. The 130-step rungs stay eager (compiling would
+torch.compile (--compile=1 among their settings, so their run ids say so); their estimate is the eager one x 0.55
++ 11 s: a compiled step is 0.66-0.75x an eager one (tools/bench_step_cost, 60-step runs), a run 11 s more of
+fixed cost from a warm inductor cache, and the eager estimate's scaling by steps overstates a long run's fixed
+cost, so the factor is fitted to whole runs (w64-h1's grid, 376 steps, two at a time: 89-97 s against the eager
+estimate's 145 s). The 130-step rungs stay eager (compiling would
 not pay there). Within a rung every variant runs the same way.
 """
 
