@@ -23,17 +23,17 @@ variants of the rung, the adamw control) with N = the rung's steps and the rung'
 in its own folder OUT/<rung>/, so the bench's cache and resume work per rung. Tuning per rung (column `tuning`):
   full      the bench's LR search: a x2 grid of 4 rates around the script's value, extended at an edge, then
             refined at x sqrt(2) around the pick, each on --lr-seeds grid seeds;
-  transfer  the reduction for the costly rungs: each variant starts from its tuned rate on the rung named
-            (the rung below in horizon, or the narrower width at the same horizon; the rule is "the same rate":
-            Muon's step is normalized to the matrix's shape) and that rate is checked at its two neighbours,
-            x sqrt(2) and / sqrt(2), on the grid seeds (the bench's search with one grid point); a pick at the
-            edge of the rates measured steps one x sqrt(2) further out, at most twice (the optimum falls as
-            the horizon grows: at w64-h1 every variant's pick of the three was the lowest), so 3-5 rates
-            instead of 6-8; the pick goes on. Into the CI: the pick's noise among them, which the bench's
-            bootstrap charges as at a full rung (re-picked on resampled grid seeds, costed in steps by the
-            fit's slope). Not in the CI: an optimum beyond the checked range; a pick still at the edge after
-            two steps out is flagged (column lr_grid_edge, and `edge` in the tables): rerun that rung with
-            --full-grid. A variant with declared groups checks the baseline's rate and its neighbours.
+  transfer  the reduction for the costly rungs: each variant starts from its tuned rate on the rung named (the rung
+            below in horizon, or the narrower width at the same horizon; the rule is "the same rate": Muon's step is
+            normalized to the matrix's shape) and that rate is checked at its two neighbours, x sqrt(2) and / sqrt(2),
+            on the grid seeds (the bench's search with one grid point); a pick at the edge of the rates measured steps
+            one x sqrt(2) further out, at most twice (the optimum falls as the horizon grows: at w64-h1 every
+            variant's pick moved down, the baseline's from 0.05 to 0.0177), so 3-5 rates instead of 6-8; the pick goes
+            on. Into the CI: the pick's noise among them, which the bench's bootstrap charges as at a full rung
+            (re-picked on resampled grid seeds, costed in steps by the fit's slope). Not in the CI: an optimum beyond
+            the checked range; a pick still at the edge after two steps out is flagged (column lr_grid_edge, and
+            `edge` in the tables): rerun that rung with --full-grid. A variant with declared groups checks the
+            baseline's rate and its neighbours.
 A rung whose variants all have `ok` rows in ladder.csv with the same plan (a hash of the rung's settings, the
 seeds, the rates it starts from, and the bench's cache key of each script: code, data, torch, threads) is
 skipped, so the ladder completes over several sittings even where OUT was lost; inside a rung, finished runs
